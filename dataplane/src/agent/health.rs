@@ -1,0 +1,97 @@
+//! The agent's only listening port: probes and metrics, inside its own
+//! cluster. Tunnel traffic never arrives here.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Response, StatusCode};
+use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use super::AgentError;
+use crate::http::{full, text};
+use crate::listen;
+
+pub struct AgentMetrics {
+    registry: Registry,
+    pub connected: IntGauge,
+    pub reconnects: IntCounter,
+    pub upstream_requests: IntCounter,
+    pub upstream_errors: IntCounter,
+}
+
+impl AgentMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let connected = IntGauge::new(
+            "agent_connected",
+            "1 while the tunnel to tether-server is up.",
+        )?;
+        let reconnects = IntCounter::new(
+            "agent_reconnects_total",
+            "Tunnel sessions ended or failed to start.",
+        )?;
+        let upstream_requests = IntCounter::new(
+            "agent_upstream_requests_total",
+            "Requests forwarded to the API server.",
+        )?;
+        let upstream_errors = IntCounter::new(
+            "agent_upstream_errors_total",
+            "Requests that could not be forwarded (unreadable token, target unreachable, refused target).",
+        )?;
+        registry.register(Box::new(connected.clone()))?;
+        registry.register(Box::new(reconnects.clone()))?;
+        registry.register(Box::new(upstream_requests.clone()))?;
+        registry.register(Box::new(upstream_errors.clone()))?;
+        Ok(Self {
+            registry,
+            connected,
+            reconnects,
+            upstream_requests,
+            upstream_errors,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}
+
+pub(super) async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<AgentMetrics>,
+    stop: CancellationToken,
+) -> Result<SocketAddr, AgentError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| AgentError::Bind { addr, source })?;
+    let make = move |_conn| {
+        let metrics = metrics.clone();
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let response = match request.uri().path() {
+                "/healthz" => text(StatusCode::OK, "ok"),
+                "/readyz" if metrics.connected.get() == 1 => text(StatusCode::OK, "ok"),
+                "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "tunnel is down"),
+                "/metrics" => Response::new(full(metrics.render())),
+                _ => text(StatusCode::NOT_FOUND, "not found"),
+            };
+            std::future::ready(Ok::<_, Infallible>(response))
+        })
+    };
+    tokio::spawn(listen::serve(
+        listener,
+        None,
+        make,
+        stop,
+        Duration::from_secs(1),
+    ));
+    Ok(bound)
+}

@@ -1,0 +1,403 @@
+//! tether-agent: dials out to tether-server, and serves each stream the
+//! server opens as HTTP/1.1 towards the local kube-apiserver, with the
+//! agent's own ServiceAccount token.
+
+mod health;
+mod upstream;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use http::Uri;
+use rand::Rng;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::mux::{Role, Session, SessionConfig};
+use crate::protocol::Version;
+use crate::server::{parse_duration, parse_listen_addr};
+use crate::tls::{self, TlsError};
+use crate::websocket;
+pub use health::AgentMetrics;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// A session that lasted this long was healthy: the next reconnect starts
+/// from the first backoff step again.
+const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "tether-agent",
+    version,
+    about = "tether's customer-side agent: dials out, never listens for tunnel traffic"
+)]
+pub struct AgentArgs {
+    /// tether-server's public URL, e.g. wss://tether.example.com:8443 (path defaults to /connect).
+    #[arg(long, env = "SERVER_URL")]
+    pub server: String,
+    /// Agent token (prefer --token-file: arguments are visible in the process list).
+    #[arg(
+        long,
+        env = "TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the agent token; re-read at every connection attempt.
+    #[arg(long, env = "TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// The only host:port this agent forwards to.
+    #[arg(long, env = "TARGET", default_value = crate::clusters::DEFAULT_TARGET)]
+    pub target: String,
+    /// ServiceAccount token, re-read for every request (projected tokens rotate).
+    #[arg(
+        long,
+        env = "SA_TOKEN_PATH",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    )]
+    pub sa_token_path: PathBuf,
+    /// CA that signed the target's certificate.
+    #[arg(
+        long,
+        env = "CA_CERT",
+        default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    )]
+    pub ca_cert: PathBuf,
+    /// Do not verify the target's certificate (testing only).
+    #[arg(long, env = "INSECURE")]
+    pub insecure: bool,
+    /// Speak plain HTTP to the target (testing only).
+    #[arg(long, env = "PLAIN_TARGET")]
+    pub plain_target: bool,
+    /// Allow a ws:// server URL (testing only).
+    #[arg(long, env = "ALLOW_INSECURE_SERVER")]
+    pub allow_insecure_server: bool,
+    /// CA for tether-server's certificate (default: the public web roots).
+    #[arg(long, env = "SERVER_CA_CERT")]
+    pub server_ca_cert: Option<PathBuf>,
+    /// Client certificate for mTLS to tether-server.
+    #[arg(long, env = "CLIENT_CERT", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    #[arg(long, env = "CLIENT_KEY", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Longest wait between reconnection attempts.
+    #[arg(long, env = "MAX_RETRY", default_value = "30s", value_parser = parse_duration)]
+    pub max_retry: Duration,
+    /// Streams served at once; more are refused with an Error frame.
+    #[arg(long, env = "MAX_CONNS", default_value_t = 1024)]
+    pub max_conns: usize,
+    /// /healthz, /readyz and /metrics (cluster-internal; probes only).
+    #[arg(long, env = "HEALTH_ADDR", default_value = ":8081", value_parser = parse_listen_addr)]
+    pub health_addr: SocketAddr,
+    #[arg(long, env = "LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
+    pub keepalive_interval: Duration,
+    #[arg(long, env = "KEEPALIVE_TIMEOUT", default_value = "45s", value_parser = parse_duration)]
+    pub keepalive_timeout: Duration,
+    /// Highest tunnel protocol to offer (v1 makes this agent a plain v1 peer).
+    #[arg(long, env = "PROTOCOL", default_value = "v2", value_parser = ["v1", "v2"])]
+    pub protocol: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("--server {0:?} is not a ws:// or wss:// URL")]
+    BadServerUrl(String),
+    #[error("refusing plaintext ws:// to the server; pass --allow-insecure-server to allow it")]
+    PlaintextServer,
+    #[error("no agent token: pass --token or --token-file")]
+    NoToken,
+    #[error("cannot read token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+/// Where and how to reach tether-server.
+struct ServerEndpoint {
+    host: String,
+    port: u16,
+    path: String,
+    tls: Option<(TlsConnector, ServerName<'static>)>,
+}
+
+impl ServerEndpoint {
+    fn from_args(args: &AgentArgs) -> Result<Self, AgentError> {
+        let bad = || AgentError::BadServerUrl(args.server.clone());
+        let uri: Uri = args.server.parse().map_err(|_| bad())?;
+        let secure = match uri.scheme_str() {
+            Some("wss") => true,
+            Some("ws") if args.allow_insecure_server => false,
+            Some("ws") => return Err(AgentError::PlaintextServer),
+            _ => return Err(bad()),
+        };
+        let host = uri
+            .host()
+            .ok_or_else(bad)?
+            .trim_matches(['[', ']'])
+            .to_owned();
+        let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+        let path = match uri.path() {
+            "" | "/" => "/connect".to_owned(),
+            path => path.to_owned(),
+        };
+        let tls = if secure {
+            let roots = match &args.server_ca_cert {
+                Some(path) => tls::load_roots(path)?,
+                None => rustls::RootCertStore {
+                    roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+                },
+            };
+            let identity = match (&args.client_cert, &args.client_key) {
+                (Some(cert), Some(key)) => Some((tls::load_certs(cert)?, tls::load_key(key)?)),
+                _ => None,
+            };
+            let mut config = tls::client_config(roots, identity)?;
+            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
+            Some((TlsConnector::from(Arc::new(config)), name))
+        } else {
+            None
+        };
+        Ok(Self {
+            host,
+            port,
+            path,
+            tls,
+        })
+    }
+
+    async fn dial(
+        &self,
+        token: &str,
+        offer_v2: bool,
+    ) -> Result<(websocket::TunnelSocket, Version), String> {
+        let tcp = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            TcpStream::connect((self.host.as_str(), self.port)),
+        )
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|err| format!("connect failed: {err}"))?;
+        let _ = tcp.set_nodelay(true);
+        let io = match &self.tls {
+            Some((connector, name)) => {
+                let stream =
+                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                        .await
+                        .map_err(|_| "TLS handshake timed out".to_owned())?
+                        .map_err(|err| format!("TLS handshake failed: {err}"))?;
+                Either::Left(stream)
+            }
+            None => Either::Right(tcp),
+        };
+        let authority = format!("{}:{}", self.host, self.port);
+        tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            websocket::connect(io, &authority, &self.path, token, offer_v2),
+        )
+        .await
+        .map_err(|_| "WebSocket handshake timed out".to_owned())?
+        .map_err(|err| err.to_string())
+    }
+}
+
+fn read_token(args: &AgentArgs) -> Result<String, AgentError> {
+    if let Some(token) = &args.token {
+        return Ok(token.trim().to_owned());
+    }
+    let path = args.token_file.as_ref().ok_or(AgentError::NoToken)?;
+    let token = std::fs::read_to_string(path).map_err(|source| AgentError::TokenFile {
+        path: path.clone(),
+        source,
+    })?;
+    let token = token.trim().to_owned();
+    if token.is_empty() {
+        return Err(AgentError::NoToken);
+    }
+    Ok(token)
+}
+
+/// Full-jitter exponential backoff: a random wait up to
+/// `min(cap, first * 2^attempt)`, with a floor so a fleet cannot spin.
+fn backoff(attempt: u32, cap: Duration) -> Duration {
+    let ceiling = FIRST_BACKOFF
+        .saturating_mul(1u32 << attempt.min(16))
+        .min(cap.max(FIRST_BACKOFF));
+    let floor = Duration::from_millis(100).min(ceiling);
+    rand::rng().random_range(floor..=ceiling)
+}
+
+/// A running agent.
+pub struct Agent {
+    pub health_addr: SocketAddr,
+    pub metrics: Arc<AgentMetrics>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Agent {
+    /// Validates the configuration, binds the health port and starts the
+    /// connection loop.
+    pub async fn start(args: AgentArgs) -> Result<Self, AgentError> {
+        let endpoint = ServerEndpoint::from_args(&args)?;
+        read_token(&args)?;
+        let metrics = Arc::new(AgentMetrics::new()?);
+        let upstream = Arc::new(upstream::Upstream::new(&args, metrics.clone())?);
+        let stop = CancellationToken::new();
+        let health_addr = health::serve(args.health_addr, metrics.clone(), stop.clone()).await?;
+        let task = tokio::spawn(run(args, endpoint, upstream, metrics.clone(), stop.clone()));
+        Ok(Self {
+            health_addr,
+            metrics,
+            stop,
+            task,
+        })
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.metrics.connected.get() == 1
+    }
+
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+async fn run(
+    args: AgentArgs,
+    endpoint: ServerEndpoint,
+    upstream: Arc<upstream::Upstream>,
+    metrics: Arc<AgentMetrics>,
+    stop: CancellationToken,
+) {
+    let offer_v2 = args.protocol == "v2";
+    let mut attempt: u32 = 0;
+    loop {
+        let token = match read_token(&args) {
+            Ok(token) => token,
+            Err(err) => {
+                warn!(error = %err, "cannot read the agent token");
+                String::new()
+            }
+        };
+        let dialed = if token.is_empty() {
+            Err("no agent token".to_owned())
+        } else {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                dialed = endpoint.dial(&token, offer_v2) => dialed,
+            }
+        };
+        let mut reconnect_now = false;
+        match dialed {
+            Ok((socket, version)) => {
+                let started = Instant::now();
+                let mut config = SessionConfig::new(version, Role::Acceptor, "server");
+                config.max_streams = args.max_conns;
+                config.keepalive_interval = args.keepalive_interval;
+                config.keepalive_timeout = args.keepalive_timeout;
+                let (session, incoming) = Session::start(socket, config);
+                metrics.connected.set(1);
+                info!(server = %args.server, protocol = version.as_str(), "tunnel connected");
+                if let Some(incoming) = incoming {
+                    reconnect_now = serve_session(&session, incoming, &upstream, &stop).await;
+                }
+                metrics.connected.set(0);
+                if stop.is_cancelled() {
+                    session.close("agent shutting down");
+                    return;
+                }
+                if started.elapsed() >= HEALTHY_SESSION || reconnect_now {
+                    attempt = 0;
+                }
+                info!(
+                    reason = session
+                        .close_reason()
+                        .unwrap_or_else(|| "server going away".into()),
+                    "tunnel disconnected"
+                );
+            }
+            Err(err) => {
+                warn!(server = %args.server, error = %err, "cannot connect to tether-server")
+            }
+        }
+        metrics.reconnects.inc();
+        if reconnect_now {
+            continue;
+        }
+        let wait = backoff(attempt, args.max_retry);
+        attempt = attempt.saturating_add(1);
+        info!(wait = ?wait, "reconnecting after backoff");
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Serves streams until the session ends. Returns true when the server
+/// sent GoAway: the caller reconnects at once while this session's streams
+/// finish on their own.
+async fn serve_session(
+    session: &Session,
+    mut incoming: tokio::sync::mpsc::Receiver<crate::mux::IncomingStream>,
+    upstream: &Arc<upstream::Upstream>,
+    stop: &CancellationToken,
+) -> bool {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return false,
+            _ = session.peer_going_away() => return true,
+            next = incoming.recv() => match next {
+                Some(stream) => {
+                    let upstream = upstream.clone();
+                    tokio::spawn(async move { upstream.serve(stream).await });
+                }
+                None => return false,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let cap = Duration::from_secs(30);
+        for attempt in 0..40 {
+            let ceiling = FIRST_BACKOFF.saturating_mul(1 << attempt.min(16)).min(cap);
+            for _ in 0..50 {
+                let wait = backoff(attempt, cap);
+                assert!(
+                    wait <= ceiling && wait >= Duration::from_millis(100),
+                    "{attempt}: {wait:?}"
+                );
+            }
+        }
+        let samples: std::collections::HashSet<_> = (0..50).map(|_| backoff(5, cap)).collect();
+        assert!(samples.len() > 1, "backoff is jittered");
+    }
+}

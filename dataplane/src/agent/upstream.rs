@@ -1,0 +1,159 @@
+//! Serving one tunnel stream: HTTP/1.1 requests from tether-server,
+//! forwarded to the configured target with the agent's own credentials.
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tracing::{debug, warn};
+
+use super::{AgentArgs, AgentError, AgentMetrics};
+use crate::forward;
+use crate::http::{Body, kube_status};
+use crate::mux::IncomingStream;
+use crate::tls;
+
+pub(super) struct Upstream {
+    target: String,
+    base: String,
+    sa_token_path: PathBuf,
+    /// Pooled keep-alive connections to the target: no TLS handshake per request.
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl Upstream {
+    pub(super) fn new(args: &AgentArgs, metrics: Arc<AgentMetrics>) -> Result<Self, AgentError> {
+        let config = if args.insecure {
+            warn!("--insecure: the API server's certificate is NOT verified");
+            tls::insecure_client_config()
+        } else {
+            tls::client_config(tls::load_roots(&args.ca_cert)?, None)?
+        };
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        // HTTP/1.1 only: upgrades (exec, port-forward) need it, and the
+        // pool gives the reuse HTTP/2 would.
+        let connector = HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let scheme = if args.plain_target { "http" } else { "https" };
+        Ok(Self {
+            target: args.target.clone(),
+            base: format!("{scheme}://{}", args.target),
+            sa_token_path: args.sa_token_path.clone(),
+            client,
+            metrics,
+        })
+    }
+
+    pub(super) async fn serve(self: Arc<Self>, incoming: IncomingStream) {
+        if incoming.target() != self.target {
+            // The server (or whoever holds its session) asked for another
+            // address: this agent reaches its API server and nothing else.
+            warn!(requested = %incoming.target(), allowed = %self.target, "refusing stream to a target that is not allowed");
+            self.count_error();
+            incoming.refuse("target not allowed");
+            return;
+        }
+        let Ok(stream) = incoming.accept().await else {
+            return;
+        };
+        let id = stream.id();
+        let this = self.clone();
+        let service = hyper::service::service_fn(move |request| {
+            let this = this.clone();
+            async move { Ok::<_, Infallible>(this.forward(request).await) }
+        });
+        let served = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service)
+            .with_upgrades()
+            .await;
+        if let Err(err) = served {
+            debug!(stream = id, error = %err, "tunnel stream ended with an error");
+        }
+    }
+
+    fn count_error(&self) {
+        self.metrics.upstream_errors.inc();
+    }
+
+    async fn forward(&self, mut request: Request<Incoming>) -> Response<Body> {
+        self.metrics.upstream_requests.inc();
+        // Read for every request: projected tokens are rotated on disk.
+        let token = match tokio::fs::read_to_string(&self.sa_token_path).await {
+            Ok(token) if !token.trim().is_empty() => token,
+            Ok(_) | Err(_) => {
+                warn!(path = %self.sa_token_path.display(), "cannot read the ServiceAccount token");
+                self.count_error();
+                return kube_status(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    "tether-agent cannot read its ServiceAccount token",
+                );
+            }
+        };
+        let bearer = match HeaderValue::from_str(&format!("Bearer {}", token.trim())) {
+            Ok(mut value) => {
+                value.set_sensitive(true);
+                value
+            }
+            Err(_) => {
+                self.count_error();
+                return kube_status(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    "tether-agent's ServiceAccount token is not a valid header value",
+                );
+            }
+        };
+        // Impersonation was already allowed or stripped by tether-server.
+        let prepared = forward::prepare(&mut request, true);
+        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let uri = match Uri::try_from(format!("{}{}", self.base, path_and_query)) {
+            Ok(uri) => uri,
+            Err(_) => {
+                return kube_status(
+                    StatusCode::BAD_REQUEST,
+                    "BadRequest",
+                    "malformed request path",
+                );
+            }
+        };
+        let (mut parts, body) = request.into_parts();
+        parts.uri = uri;
+        parts.version = http::Version::HTTP_11;
+        parts.headers.insert(header::AUTHORIZATION, bearer);
+        if let Ok(host) = HeaderValue::from_str(&self.target) {
+            parts.headers.insert(header::HOST, host);
+        }
+        let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed());
+        match self.client.request(outgoing).await {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                forward::relay(prepared, Response::from_parts(parts, body), &self.target)
+            }
+            Err(err) => {
+                self.count_error();
+                warn!(target = %self.target, error = %err, "API server request failed");
+                kube_status(
+                    StatusCode::BAD_GATEWAY,
+                    "ServiceUnavailable",
+                    &format!("tether-agent cannot reach the API server: {err}"),
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! tether's dataplane: the tunnel protocol, its stream multiplexer,
+//! tether-server (management side) and tether-agent (customer side).
+
+pub mod agent;
+pub mod clusters;
+pub mod fake_apiserver;
+pub mod forward;
+pub mod http;
+pub mod listen;
+pub mod logging;
+pub mod mux;
+pub mod pki;
+pub mod protocol;
+pub mod server;
+pub mod tls;
+pub mod websocket;
+
+/// Installs ring as rustls's process-wide crypto provider. Every binary calls
+/// this first: rustls refuses to pick one itself when it cannot tell which.
+pub fn install_crypto_provider() {
+    // An error only means a provider is already installed, which is fine.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
+pub async fn wait_for_termination() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

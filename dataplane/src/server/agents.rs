@@ -1,0 +1,84 @@
+//! The public `/connect` endpoint: authenticates an agent and turns its
+//! WebSocket into the cluster's tunnel session.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tracing::{info, warn};
+
+use super::ServerState;
+use super::registry::Tunnel;
+use crate::http::{Body, bearer_token, text};
+use crate::listen::ConnInfo;
+use crate::mux::{Role, Session, SessionConfig};
+use crate::websocket::{self, AGENT_VERSION_HEADER};
+
+pub(super) async fn connect(
+    state: Arc<ServerState>,
+    conn: Arc<ConnInfo>,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    if state.draining.is_cancelled() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
+    }
+    let clusters = state.clusters();
+    let Some(cluster) = bearer_token(request.headers()).and_then(|t| clusters.authenticate(t))
+    else {
+        state
+            .metrics
+            .auth_failures
+            .with_label_values(&["connect"])
+            .inc();
+        warn!(remote = %conn.remote, "agent authentication failed");
+        return text(StatusCode::UNAUTHORIZED, "invalid agent token");
+    };
+    let (response, version) = match websocket::accept(&request) {
+        Ok(accepted) => accepted,
+        Err(err) => return text(StatusCode::BAD_REQUEST, &err.to_string()),
+    };
+    let agent_version = request
+        .headers()
+        .get(AGENT_VERSION_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(64).collect())
+        .unwrap_or_else(|| "unknown".to_owned());
+    let cluster_id = cluster.id.clone();
+    let token_sha256 = cluster.token_sha256();
+    let remote = conn.remote;
+    tokio::spawn(async move {
+        let socket = match websocket::server_socket(request).await {
+            Ok(socket) => socket,
+            Err(err) => {
+                warn!(cluster = %cluster_id, error = %err, "agent upgrade failed");
+                return;
+            }
+        };
+        let mut config = SessionConfig::new(version, Role::Opener, cluster_id.clone());
+        config.max_streams = state.args.max_streams_per_tunnel;
+        config.keepalive_interval = state.args.keepalive_interval;
+        config.keepalive_timeout = state.args.keepalive_timeout;
+        let (session, _) = Session::start(socket, config);
+        let generation = state.tunnels.next_generation();
+        info!(cluster = %cluster_id, %remote, protocol = version.as_str(),
+            agent_version = %agent_version, "agent connected");
+        state.tunnels.insert(
+            &cluster_id,
+            Tunnel {
+                generation,
+                session: session.clone(),
+                agent_version,
+                remote,
+                since: SystemTime::now(),
+                token_sha256,
+            },
+        );
+        session.closed().await;
+        if state.tunnels.remove_if_current(&cluster_id, generation) {
+            info!(cluster = %cluster_id, reason = session.close_reason().unwrap_or_default(),
+                "agent disconnected");
+        }
+    });
+    response
+}

@@ -1,0 +1,101 @@
+//! tether-server's Prometheus metrics, named as in the Go implementation so
+//! existing dashboards keep working.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use super::registry::Registry as Tunnels;
+
+/// Label for requests whose cluster id is not configured: the id itself is
+/// caller input and must not create label values.
+pub const UNKNOWN_CLUSTER: &str = "_unknown";
+
+pub struct ServerMetrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub duration: HistogramVec,
+    pub active_streams: IntGaugeVec,
+    pub agents_connected: IntGauge,
+    pub rate_limited: IntCounter,
+    pub auth_failures: IntCounterVec,
+    pub identity_mismatches: IntCounter,
+}
+
+impl ServerMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "proxy_requests_total",
+                "Requests proxied, by cluster, method and status code.",
+            ),
+            &["cluster", "method", "code"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "proxy_request_duration_seconds",
+                "Time until the response headers of a proxied request arrived.",
+            ),
+            &["cluster"],
+        )?;
+        let active_streams = IntGaugeVec::new(
+            Opts::new(
+                "tunnel_active_connections",
+                "Streams open on each cluster's tunnel.",
+            ),
+            &["cluster"],
+        )?;
+        let agents_connected =
+            IntGauge::new("agents_connected", "Agents connected to this server.")?;
+        let rate_limited = IntCounter::new(
+            "proxy_rate_limited_total",
+            "Requests refused by the per-cluster rate limit.",
+        )?;
+        let auth_failures = IntCounterVec::new(
+            Opts::new(
+                "auth_failures_total",
+                "Refused authentications, by endpoint.",
+            ),
+            &["endpoint"],
+        )?;
+        let identity_mismatches = IntCounter::new(
+            "tunnel_identity_mismatch_total",
+            "Agents whose client certificate names another cluster than their token.",
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(active_streams.clone()))?;
+        registry.register(Box::new(agents_connected.clone()))?;
+        registry.register(Box::new(rate_limited.clone()))?;
+        registry.register(Box::new(auth_failures.clone()))?;
+        registry.register(Box::new(identity_mismatches.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+            active_streams,
+            agents_connected,
+            rate_limited,
+            auth_failures,
+            identity_mismatches,
+        })
+    }
+
+    /// The text exposition, with tunnel gauges read from the live sessions.
+    pub fn render(&self, tunnels: &Tunnels) -> String {
+        self.active_streams.reset();
+        let snapshot = tunnels.snapshot();
+        for (id, tunnel) in &snapshot {
+            self.active_streams
+                .with_label_values(&[id.as_str()])
+                .set(tunnel.session.open_streams() as i64);
+        }
+        self.agents_connected.set(snapshot.len() as i64);
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    }
+}

@@ -1,0 +1,124 @@
+//! Which agent session serves each cluster.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::SystemTime;
+
+use crate::clusters::Clusters;
+use crate::mux::Session;
+
+/// One connected agent.
+#[derive(Clone)]
+pub struct Tunnel {
+    /// Distinguishes this session from earlier and later ones of the cluster.
+    pub generation: u64,
+    pub session: Session,
+    pub agent_version: String,
+    pub remote: SocketAddr,
+    pub since: SystemTime,
+    /// The token hash the agent authenticated with; a config change that
+    /// alters it ends the session.
+    pub token_sha256: [u8; 32],
+}
+
+#[derive(Default)]
+pub struct Registry {
+    tunnels: Mutex<HashMap<String, Tunnel>>,
+    next_generation: AtomicU64,
+}
+
+impl Registry {
+    fn tunnels(&self) -> MutexGuard<'_, HashMap<String, Tunnel>> {
+        self.tunnels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn next_generation(&self) -> u64 {
+        self.next_generation.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Makes `tunnel` the cluster's session (last writer wins) and closes the
+    /// one it replaces.
+    pub fn insert(&self, cluster: &str, tunnel: Tunnel) {
+        let replaced = self.tunnels().insert(cluster.to_owned(), tunnel);
+        if let Some(old) = replaced {
+            old.session
+                .close("replaced by a newer session of the same cluster");
+        }
+    }
+
+    /// Removes the cluster's session only if it is still `generation`: an
+    /// old session's teardown must never remove its successor.
+    pub fn remove_if_current(&self, cluster: &str, generation: u64) -> bool {
+        let mut tunnels = self.tunnels();
+        if tunnels
+            .get(cluster)
+            .is_some_and(|t| t.generation == generation)
+        {
+            tunnels.remove(cluster);
+            return true;
+        }
+        false
+    }
+
+    pub fn get(&self, cluster: &str) -> Option<Tunnel> {
+        self.tunnels().get(cluster).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tunnels().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.tunnels().is_empty()
+    }
+
+    pub fn snapshot(&self) -> Vec<(String, Tunnel)> {
+        self.tunnels()
+            .iter()
+            .map(|(id, t)| (id.clone(), t.clone()))
+            .collect()
+    }
+
+    /// Closes the sessions of clusters that `clusters` no longer lists, or
+    /// whose token changed. Returns the ids closed.
+    pub fn retain_configured(&self, clusters: &Clusters) -> Vec<String> {
+        let stale: Vec<(String, Tunnel)> = {
+            let mut tunnels = self.tunnels();
+            let ids: Vec<String> = tunnels
+                .iter()
+                .filter(|(id, tunnel)| {
+                    clusters
+                        .get(id)
+                        .is_none_or(|c| !c.token_matches(&tunnel.token_sha256))
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            ids.into_iter()
+                .filter_map(|id| tunnels.remove(&id).map(|t| (id, t)))
+                .collect()
+        };
+        for (_, tunnel) in &stale {
+            tunnel
+                .session
+                .close("cluster removed from configuration or its token changed");
+        }
+        stale.into_iter().map(|(id, _)| id).collect()
+    }
+
+    /// Tells every agent to go away (v2 reconnects at once) and stops new
+    /// streams.
+    pub fn go_away_all(&self) {
+        for tunnel in self.tunnels().values() {
+            tunnel.session.go_away();
+        }
+    }
+
+    pub fn close_all(&self, reason: &str) {
+        let all: Vec<Tunnel> = self.tunnels().drain().map(|(_, t)| t).collect();
+        for tunnel in all {
+            tunnel.session.close(reason);
+        }
+    }
+}
