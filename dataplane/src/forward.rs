@@ -44,17 +44,17 @@ pub fn prepare<B>(request: &mut Request<B>, keep_impersonation: bool) -> Prepare
 /// (watches, long LISTs). A 101 to an upgrade splices the two connections
 /// until either side closes.
 pub fn relay(prepared: Prepared, mut response: Response<Incoming>, label: &str) -> Response<Body> {
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let (Some(protocol), Some(caller)) = (prepared.upgrade, prepared.caller_upgrade) {
-            let upstream = hyper::upgrade::on(&mut response);
-            let label = label.to_owned();
-            tokio::spawn(async move { splice(caller, upstream, &label).await });
-            let mut answer = Response::new(empty());
-            *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            *answer.headers_mut() = end_to_end(response.headers());
-            restore_upgrade(answer.headers_mut(), protocol);
-            return answer;
-        }
+    if let (StatusCode::SWITCHING_PROTOCOLS, Some(protocol), Some(caller)) =
+        (response.status(), prepared.upgrade, prepared.caller_upgrade)
+    {
+        let upstream = hyper::upgrade::on(&mut response);
+        let label = label.to_owned();
+        tokio::spawn(async move { splice(caller, upstream, &label).await });
+        let mut answer = Response::new(empty());
+        *answer.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        *answer.headers_mut() = end_to_end(response.headers());
+        restore_upgrade(answer.headers_mut(), protocol);
+        return answer;
     }
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);

@@ -276,12 +276,11 @@ async fn answers_pings_from_a_v1_peer() {
         .expect("send");
     let pong = tokio::time::timeout(WAIT, async {
         while let Some(Ok(message)) = source.next().await {
-            if let Message::Binary(bytes) = message {
-                if let Ok(frame) = Frame::decode(bytes) {
-                    if frame.kind == FrameType::Pong {
-                        return frame;
-                    }
-                }
+            if let Message::Binary(bytes) = message
+                && let Ok(frame) = Frame::decode(bytes)
+                && frame.kind == FrameType::Pong
+            {
+                return frame;
             }
         }
         panic!("no pong");

@@ -473,10 +473,9 @@ impl Shared {
                 }
             }
             FrameType::WindowUpdate => {
-                if let Some(inner) = self.stream(id) {
-                    if let Err(error) = inner.grant(frame.window_increment()) {
-                        self.protocol_error(Some(id), &error);
-                    }
+                if let Some(Err(error)) = self.stream(id).map(|s| s.grant(frame.window_increment()))
+                {
+                    self.protocol_error(Some(id), &error);
                 }
             }
         }

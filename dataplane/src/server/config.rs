@@ -71,7 +71,9 @@ pub(super) async fn watch(
     let ClustersSource::File(path) = &source else {
         return;
     };
-    let mut last = std::fs::read(path).ok();
+    // No snapshot yet: the first tick compares the file with the clusters in
+    // force, so a change made before this task first ran is not missed.
+    let mut last: Option<Vec<u8>> = None;
     let mut ticker = tokio::time::interval(state.args.reload_interval);
     let mut hangup = hangup_signal();
     loop {

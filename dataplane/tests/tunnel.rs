@@ -1,0 +1,644 @@
+//! tether-server and tether-agent end to end on 127.0.0.1: real TLS, real
+//! WebSocket, the kube-apiserver double behind the agent.
+
+mod support;
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, StatusCode};
+use support::{Env, Security, TestClient, WAIT, cluster_json, eventually};
+use tether::agent::{Agent, AgentError};
+use tether::protocol::{Frame, FrameType};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_and_strips_every_caller_credential() {
+    let env = Env::start(Security::Mtls).await;
+    let _agent = env.connected_agent().await;
+    let url = format!(
+        "{}/tunnel/dev/echo/a%2Fb?q=%20x&labelSelector=app%3Dweb",
+        env.internal_url()
+    );
+    let answer = env
+        .argocd()
+        .get_with(
+            &url,
+            &[
+                ("authorization", "Bearer caller-secret-token"),
+                ("proxy-authorization", "Basic caller-secret-basic"),
+                ("impersonate-user", "system:admin"),
+                ("impersonate-group", "system:masters"),
+                ("x-remote-user", "admin"),
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "hop-value"),
+                ("accept", "application/json"),
+            ],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.text());
+    let echo = answer.json();
+    assert_eq!(
+        echo["pathAndQuery"],
+        "/echo/a%2Fb?q=%20x&labelSelector=app%3Dweb"
+    );
+    let seen = env.backend.seen();
+    let last = seen.last().expect("backend saw the request");
+    assert!(
+        last.authorized,
+        "the agent's ServiceAccount token was injected"
+    );
+    for (name, value) in &last.headers {
+        let value = String::from_utf8_lossy(value.as_bytes());
+        assert!(
+            !value.contains("caller-secret"),
+            "{name} leaked a caller credential"
+        );
+        assert!(
+            !name.as_str().starts_with("impersonate-"),
+            "{name} forwarded"
+        );
+        assert!(!name.as_str().starts_with("x-remote-"), "{name} forwarded");
+        assert_ne!(name.as_str(), "x-hop", "Connection-named header forwarded");
+    }
+    assert_eq!(
+        last.headers.get("accept").map(|v| v.as_bytes()),
+        Some(&b"application/json"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impersonation_passes_only_when_allowed() {
+    let env = Env::start_with(Security::Plain, &["--allow-impersonation"]).await;
+    let _agent = env.connected_agent().await;
+    let url = format!("{}/tunnel/dev/echo", env.internal_url());
+    let answer = env
+        .argocd()
+        .get_with(&url, &[("impersonate-user", "dev-user")])
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let seen = env.backend.seen();
+    assert_eq!(
+        seen.last()
+            .and_then(|r| r.headers.get("impersonate-user"))
+            .map(|v| v.as_bytes()),
+        Some(&b"dev-user"[..])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_account_token_is_reread_for_every_request() {
+    let env = Env::start(Security::Tls).await;
+    let _agent = env.connected_agent().await;
+    let client = env.argocd();
+    let url = format!("{}/tunnel/dev/api/v1/namespaces", env.internal_url());
+    assert_eq!(client.get(&url).await.status, StatusCode::OK);
+    // Rotate: the backend now only accepts the new token.
+    std::fs::write(&env.sa_token, "agent-sa-token-2").expect("rotate");
+    let answer = client.get(&url).await;
+    assert_eq!(
+        answer.status,
+        StatusCode::OK,
+        "rotated token used: {}",
+        answer.text()
+    );
+    // An unreadable token is a clear error, not a forwarded anonymous request.
+    std::fs::remove_file(&env.sa_token).expect("remove");
+    let answer = client.get(&url).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        answer
+            .text()
+            .contains("cannot read its ServiceAccount token"),
+        "{}",
+        answer.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_agent_tokens_are_refused_and_counted() {
+    let env = Env::start(Security::Tls).await;
+    let _bad = env.agent("dev", "not-the-token", &[]).await;
+    eventually(
+        || {
+            env.server()
+                .metrics_text()
+                .contains("auth_failures_total{endpoint=\"connect\"}")
+        },
+        "failure counted",
+    )
+    .await;
+    assert!(!env.server().is_connected("dev"));
+    // A raw client with a wrong token gets 401.
+    let client = TestClient::new(Some(&env.pki.path("ca.crt")), None);
+    let answer = client
+        .get_with(
+            &format!("{}/connect", env.public_url()),
+            &[("authorization", "Bearer nope")],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED);
+    let answer = client.get(&format!("{}/connect", env.public_url())).await;
+    assert_eq!(answer.status, StatusCode::UNAUTHORIZED, "no token at all");
+    // A right token without a WebSocket upgrade is a bad request, not a session.
+    let answer = client
+        .get_with(
+            &format!("{}/connect", env.public_url()),
+            &[("authorization", "Bearer dev-token")],
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_and_disconnected_clusters_get_the_same_502() {
+    let env = Env::start(Security::Plain).await;
+    let client = env.argocd();
+    let unknown = client
+        .get(&format!(
+            "{}/tunnel/secret-customer-x/api",
+            env.internal_url()
+        ))
+        .await;
+    let disconnected = client
+        .get(&format!("{}/tunnel/dev/api", env.internal_url()))
+        .await;
+    assert_eq!(unknown.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        unknown.body, disconnected.body,
+        "no way to tell unknown from disconnected"
+    );
+    assert!(!unknown.text().contains("secret-customer-x"));
+    assert!(!disconnected.text().contains("dev"));
+    // Metrics do not grow a label per unknown id.
+    assert!(!env.server().metrics_text().contains("secret-customer-x"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_endpoints_and_port_separation() {
+    let env = Env::start(Security::Plain).await;
+    let client = env.argocd();
+    let internal = env.internal_url();
+    let public = env.public_url();
+    assert_eq!(
+        client.get(&format!("{internal}/healthz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.get(&format!("{public}/healthz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.get(&format!("{internal}/readyz")).await.status,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let agent = env.connected_agent().await;
+    assert_eq!(
+        client.get(&format!("{internal}/readyz")).await.status,
+        StatusCode::OK
+    );
+    let metrics = client.get(&format!("{internal}/metrics")).await;
+    assert!(
+        metrics.text().contains("agents_connected 1"),
+        "{}",
+        metrics.text()
+    );
+    for path in ["/tunnel/dev/api", "/metrics", "/readyz"] {
+        assert_eq!(
+            client.get(&format!("{public}{path}")).await.status,
+            StatusCode::NOT_FOUND,
+            "public {path}"
+        );
+    }
+    assert_eq!(
+        client.get(&format!("{internal}/connect")).await.status,
+        StatusCode::NOT_FOUND
+    );
+
+    let health = format!("http://{}", agent.health_addr);
+    assert_eq!(
+        client.get(&format!("{health}/healthz")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client.get(&format!("{health}/readyz")).await.status,
+        StatusCode::OK
+    );
+    let agent_metrics = client.get(&format!("{health}/metrics")).await.text();
+    assert!(
+        agent_metrics.contains("agent_connected 1"),
+        "{agent_metrics}"
+    );
+    assert_eq!(
+        client.get(&format!("{health}/tunnel/dev")).await.status,
+        StatusCode::NOT_FOUND
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_targets_other_than_its_own() {
+    let env = Env::start(Security::Plain).await;
+    // The server (or someone who took it over) asks for another address.
+    std::fs::write(
+        &env.clusters_file,
+        cluster_json(&[("dev", "dev-token", "10.0.0.1:22")]),
+    )
+    .expect("write");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let agent = env.connected_agent().await;
+    let answer = env
+        .argocd()
+        .get(&format!("{}/tunnel/dev/api", env.internal_url()))
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        answer.text().contains("target not allowed"),
+        "{}",
+        answer.text()
+    );
+    assert_eq!(agent.metrics.upstream_errors.get(), 1);
+    assert!(env.backend.seen().is_empty(), "nothing reached the backend");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_end_to_end_and_certless_clients_refused_on_both_ports() {
+    let env = Env::start(Security::Mtls).await;
+    let _agent = env.connected_agent().await;
+    let answer = env
+        .argocd()
+        .get(&format!("{}/tunnel/dev/version", env.internal_url()))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json()["gitVersion"], "v1.33.0-tether-fake");
+
+    let certless = TestClient::new(Some(&env.pki.path("ca.crt")), None);
+    for url in [
+        format!("{}/healthz", env.internal_url()),
+        format!("{}/healthz", env.public_url()),
+    ] {
+        let result = certless.request(Method::GET, &url, &[], Bytes::new()).await;
+        assert!(
+            result.is_err(),
+            "{url} served a client without a certificate"
+        );
+    }
+    // An agent without a client certificate cannot connect either.
+    let mut args = env.agent_args("dev", "dev-token", &[]);
+    args.client_cert = None;
+    args.client_key = None;
+    let certless_agent = Agent::start(args).await.expect("starts");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!certless_agent.is_connected());
+}
+
+#[tokio::test]
+async fn agent_refuses_plaintext_servers() {
+    let env_args = |server: &str, allow: bool| {
+        let mut args = vec![
+            "tether-agent",
+            "--server",
+            server,
+            "--token",
+            "t",
+            "--ca-cert",
+            "/dev/null",
+        ];
+        if allow {
+            args.push("--allow-insecure-server");
+        }
+        <tether::agent::AgentArgs as clap::Parser>::parse_from(args)
+    };
+    match Agent::start(env_args("ws://127.0.0.1:1", false)).await {
+        Err(AgentError::PlaintextServer) => {}
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("accepted ws:// without --allow-insecure-server"),
+    }
+    match Agent::start(env_args("https://127.0.0.1:1", false)).await {
+        Err(AgentError::BadServerUrl(_)) => {}
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("accepted an https:// server URL"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_reconnects_after_the_server_restarts() {
+    let mut env = Env::start(Security::Tls).await;
+    let agent = env.connected_agent().await;
+    env.stop_server().await;
+    eventually(|| !agent.is_connected(), "agent notices").await;
+    env.start_server().await;
+    env.wait_connected("dev").await;
+    let answer = env
+        .argocd()
+        .get(&format!("{}/tunnel/dev/version", env.internal_url()))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert!(agent.metrics.reconnects.get() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_session_replaces_the_old_and_survives_its_teardown() {
+    let env = Env::start(Security::Plain).await;
+    let first = env.connected_agent().await;
+    let mut args = env.agent_args("dev", "dev-token", &[]);
+    args.max_retry = Duration::from_secs(30);
+    let second = Agent::start(args).await.expect("second agent");
+    eventually(|| second.is_connected(), "second agent connects").await;
+    // The first session was replaced; its teardown must not unregister the
+    // second. The first agent's own reconnect would replace it again, so
+    // stop it before it retries.
+    first.shutdown().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        env.server().is_connected("dev"),
+        "the newer session is still registered"
+    );
+    let answer = env
+        .argocd()
+        .get(&format!("{}/tunnel/dev/version", env.internal_url()))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_file_changes_apply_live() {
+    let env = Env::start(Security::Plain).await;
+    let dev = env.connected_agent().await;
+    let prod = env.agent("prod", "prod-token", &[]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !env.server().is_connected("prod"),
+        "unknown cluster refused"
+    );
+
+    let target = env.target();
+    std::fs::write(
+        &env.clusters_file,
+        cluster_json(&[
+            ("dev", "dev-token", &target),
+            ("prod", "prod-token", &target),
+        ]),
+    )
+    .expect("add prod");
+    env.wait_connected("prod").await;
+    let answer = env
+        .argocd()
+        .get(&format!("{}/tunnel/prod/version", env.internal_url()))
+        .await;
+    assert_eq!(answer.status, StatusCode::OK);
+
+    // A broken file keeps the last good configuration.
+    std::fs::write(&env.clusters_file, "[{not json").expect("break");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(env.server().is_connected("dev") && env.server().is_connected("prod"));
+
+    std::fs::write(
+        &env.clusters_file,
+        cluster_json(&[("prod", "prod-token", &target)]),
+    )
+    .expect("remove dev");
+    eventually(|| !env.server().is_connected("dev"), "dev's session closed").await;
+    eventually(|| !dev.is_connected(), "dev agent sees the close").await;
+    let answer = env
+        .argocd()
+        .get(&format!("{}/tunnel/dev/version", env.internal_url()))
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    assert!(prod.is_connected());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_bodies_are_capped() {
+    let env = Env::start_with(Security::Plain, &["--max-body-bytes", "1024"]).await;
+    let _agent = env.connected_agent().await;
+    let client = env.argocd();
+    let url = format!("{}/tunnel/dev/sink", env.internal_url());
+    let ok = client
+        .request(Method::PUT, &url, &[], Bytes::from(vec![7u8; 1000]))
+        .await
+        .expect("put");
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.json()["bytes"], 1000);
+    let big = client
+        .request(Method::PUT, &url, &[], Bytes::from(vec![7u8; 5000]))
+        .await
+        .expect("put");
+    assert_eq!(big.status, StatusCode::PAYLOAD_TOO_LARGE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_refuses_and_counts() {
+    let env = Env::start_with(Security::Plain, &["--rate-limit", "3"]).await;
+    let _agent = env.connected_agent().await;
+    let client = env.argocd();
+    let url = format!("{}/tunnel/dev/version", env.internal_url());
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(client.get(&url).await.status);
+    }
+    assert!(statuses.contains(&StatusCode::OK));
+    assert!(
+        statuses.contains(&StatusCode::TOO_MANY_REQUESTS),
+        "{statuses:?}"
+    );
+    assert!(
+        env.server()
+            .metrics_text()
+            .contains("proxy_rate_limited_total")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_agent_works_against_the_server() {
+    let env = Env::start(Security::Tls).await;
+    let _agent = env.agent("dev", "dev-token", &["--protocol", "v1"]).await;
+    env.wait_connected("dev").await;
+    let client = env.argocd();
+    let url = format!("{}/tunnel/dev/bytes?n=3000000", env.internal_url());
+    let answer = client.get(&url).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.body.len(), 3_000_000);
+}
+
+/// A v1 server that knows nothing of tether (the Go design: ignores the
+/// subprotocol offer, opens streams, sends two requests on one stream)
+/// drives a tether agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::result_large_err)] // the error type is tungstenite's callback signature
+async fn v1_server_drives_the_agent_with_keepalive_requests() {
+    let env = Env::start(Security::Plain).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let mut args = env.agent_args("dev", "dev-token", &[]);
+    args.server = format!("ws://127.0.0.1:{port}/connect");
+    let _agent = Agent::start(args).await.expect("agent");
+
+    let (tcp, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("agent dials")
+        .expect("accept");
+    let ws = tokio_tungstenite::accept_hdr_async(
+        tcp,
+        |request: &tokio_tungstenite::tungstenite::handshake::server::Request, response| {
+            assert_eq!(
+                request.headers().get("authorization").map(|v| v.as_bytes()),
+                Some(&b"Bearer dev-token"[..])
+            );
+            Ok(response)
+        },
+    )
+    .await
+    .expect("handshake without a subprotocol");
+    let (mut sink, mut source) = ws.split();
+    let target = env.target();
+    sink.send(tokio_tungstenite::tungstenite::Message::Binary(
+        Frame::new(FrameType::Connect, 1, Bytes::from(target.clone())).encode(),
+    ))
+    .await
+    .expect("connect");
+    let mut next_frame = async || loop {
+        match source.next().await {
+            Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(bytes))) => {
+                let frame = Frame::decode(bytes).expect("valid frame");
+                if frame.kind != FrameType::Ping {
+                    return frame;
+                }
+            }
+            Some(Ok(_)) => {}
+            other => panic!("tunnel ended: {other:?}"),
+        }
+    };
+    assert_eq!(next_frame().await.kind, FrameType::Connected);
+    let request = format!(
+        "GET /version HTTP/1.1\r\nHost: {target}\r\n\r\nGET /api HTTP/1.1\r\nHost: {target}\r\n\r\n"
+    );
+    sink.send(tokio_tungstenite::tungstenite::Message::Binary(
+        Frame::new(FrameType::Data, 1, Bytes::from(request)).encode(),
+    ))
+    .await
+    .expect("data");
+    let mut response = Vec::new();
+    while !(String::from_utf8_lossy(&response)
+        .matches("HTTP/1.1 200 OK")
+        .count()
+        == 2
+        && String::from_utf8_lossy(&response).contains("APIVersions"))
+    {
+        let frame = tokio::time::timeout(WAIT, next_frame())
+            .await
+            .expect("response in time");
+        assert_eq!(frame.kind, FrameType::Data, "{frame:?}");
+        response.extend_from_slice(&frame.payload);
+    }
+    let seen = env.backend.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|r| r.authorized),
+        "token injected on every request of the stream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_and_curl_through_the_tunnel() {
+    let env = Env::start(Security::Plain).await;
+    let _agent = env.connected_agent().await;
+    let server = format!("http://127.0.0.1:{}/tunnel/dev", env.internal_addr.port());
+    if std::process::Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIP kubectl part: kubectl is not installed");
+    } else {
+        let out = tokio::process::Command::new("kubectl")
+            .args([
+                "--server",
+                &server,
+                "--token",
+                "caller-token-never-forwarded",
+                "version",
+                "-o",
+                "json",
+            ])
+            .env("KUBECONFIG", "/dev/null")
+            .output()
+            .await
+            .expect("kubectl runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "kubectl version failed: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let version: serde_json::Value = serde_json::from_str(&stdout).expect("json");
+        assert_eq!(
+            version["serverVersion"]["gitVersion"],
+            "v1.33.0-tether-fake"
+        );
+
+        let out = tokio::process::Command::new("kubectl")
+            .args(["--server", &server, "get", "namespaces", "-o", "name"])
+            .env("KUBECONFIG", "/dev/null")
+            .output()
+            .await
+            .expect("kubectl runs");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("namespace/kube-system"),
+            "{stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let out = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "-H",
+            "Authorization: Bearer caller",
+            &format!("{server}/api/v1/namespaces"),
+        ])
+        .output()
+        .await
+        .expect("curl runs");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NamespaceList"));
+    assert!(env.backend.seen().iter().all(|r| r.authorized));
+}
+
+/// Streams are released after each request: nothing piles up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_released_after_requests_and_cancellations() {
+    let env = Env::start(Security::Plain).await;
+    let _agent = env.connected_agent().await;
+    let client = env.argocd();
+    let url = format!("{}/tunnel/dev/version", env.internal_url());
+    for _ in 0..200 {
+        assert_eq!(client.get(&url).await.status, StatusCode::OK);
+    }
+    // Cancelled mid-watch: a caller that goes away.
+    for _ in 0..20 {
+        let mut tcp = tokio::net::TcpStream::connect(env.internal_addr)
+            .await
+            .expect("connect");
+        tcp.write_all(
+            b"GET /tunnel/dev/api/v1/namespaces/default/pods?watch=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut buf = [0u8; 256];
+        let n = tcp.read(&mut buf).await.expect("read");
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        drop(tcp);
+    }
+    eventually(
+        || {
+            env.server()
+                .metrics_text()
+                .contains("tunnel_active_connections{cluster=\"dev\"} 0")
+        },
+        "every stream released",
+    )
+    .await;
+}
