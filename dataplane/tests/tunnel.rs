@@ -642,3 +642,63 @@ async fn streams_are_released_after_requests_and_cancellations() {
     )
     .await;
 }
+
+/// `kubectl exec`-style upgrades: 101 through the tunnel, then raw bytes
+/// both ways, with the agent's token on the upgrade request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrades_pass_through_as_raw_bytes() {
+    let env = Env::start(Security::Plain).await;
+    let _agent = env.connected_agent().await;
+    let upgrades = [
+        "Connection: Upgrade\r\nUpgrade: SPDY/3.1\r\n",
+        "Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Protocol: v5.channel.k8s.io\r\n",
+    ];
+    for headers in upgrades {
+        let mut tcp = tokio::net::TcpStream::connect(env.internal_addr)
+            .await
+            .expect("connect");
+        let request = format!(
+            "POST /tunnel/dev/api/v1/namespaces/default/pods/web/exec?command=sh&stdin=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer caller\r\n{headers}\r\n"
+        );
+        tcp.write_all(request.as_bytes()).await.expect("write");
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            tokio::time::timeout(WAIT, tcp.read_exact(&mut byte))
+                .await
+                .expect("in time")
+                .expect("read");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade:"), "{head}");
+        if headers.contains("websocket") {
+            assert!(
+                head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+                "{head}"
+            );
+            assert!(
+                head.contains("sec-websocket-protocol: v5.channel.k8s.io"),
+                "{head}"
+            );
+        }
+        let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let (mut reader, mut writer) = tcp.into_split();
+        let sent = payload.clone();
+        let writing = tokio::spawn(async move { writer.write_all(&sent).await.map(|_| writer) });
+        let mut echoed = vec![0u8; payload.len()];
+        tokio::time::timeout(WAIT, reader.read_exact(&mut echoed))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert!(echoed == payload, "upgraded bytes differ");
+        drop(writing.await);
+    }
+    let seen = env.backend.seen();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen.iter().all(|r| r.authorized),
+        "agent token injected into upgrade requests"
+    );
+}
