@@ -29,9 +29,14 @@ pub use health::AgentMetrics;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// A session that lasted this long was healthy: the next reconnect starts
 /// from the first backoff step again.
 const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+/// After GoAway the server is restarting or rolling: retry quickly (with
+/// jitter, up to `FAST_RETRY_MAX` apart) for this long instead of backing off.
+const FAST_RETRY_WINDOW: Duration = Duration::from_secs(30);
+const FAST_RETRY_MAX: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -238,13 +243,14 @@ fn read_token(args: &AgentArgs) -> Result<String, AgentError> {
 }
 
 /// Full-jitter exponential backoff: a random wait up to
-/// `min(cap, first * 2^attempt)`, with a floor so a fleet cannot spin.
+/// `min(cap, first * 2^attempt)`, never under `MIN_BACKOFF` so a fleet of
+/// agents cannot spin against a server that refuses them.
 fn backoff(attempt: u32, cap: Duration) -> Duration {
     let ceiling = FIRST_BACKOFF
         .saturating_mul(1u32 << attempt.min(16))
-        .min(cap.max(FIRST_BACKOFF));
-    let floor = Duration::from_millis(100).min(ceiling);
-    rand::rng().random_range(floor..=ceiling)
+        .min(cap)
+        .max(MIN_BACKOFF);
+    rand::rng().random_range(MIN_BACKOFF..=ceiling)
 }
 
 /// A running agent.
@@ -293,6 +299,7 @@ async fn run(
 ) {
     let offer_v2 = args.protocol == "v2";
     let mut attempt: u32 = 0;
+    let mut fast_retry_until: Option<Instant> = None;
     loop {
         let token = match read_token(&args) {
             Ok(token) => token,
@@ -330,6 +337,7 @@ async fn run(
                 }
                 if started.elapsed() >= HEALTHY_SESSION || reconnect_now {
                     attempt = 0;
+                    fast_retry_until = None;
                 }
                 info!(
                     reason = session
@@ -344,10 +352,16 @@ async fn run(
         }
         metrics.reconnects.inc();
         if reconnect_now {
+            fast_retry_until = Some(Instant::now() + FAST_RETRY_WINDOW);
             continue;
         }
-        let wait = backoff(attempt, args.max_retry);
-        attempt = attempt.saturating_add(1);
+        let wait = match fast_retry_until {
+            Some(until) if Instant::now() < until => backoff(0, FAST_RETRY_MAX),
+            _ => {
+                attempt = attempt.saturating_add(1);
+                backoff(attempt - 1, args.max_retry)
+            }
+        };
         info!(wait = ?wait, "reconnecting after backoff");
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -392,12 +406,20 @@ mod tests {
             for _ in 0..50 {
                 let wait = backoff(attempt, cap);
                 assert!(
-                    wait <= ceiling && wait >= Duration::from_millis(100),
+                    wait <= ceiling && wait >= MIN_BACKOFF,
                     "{attempt}: {wait:?}"
                 );
             }
         }
         let samples: std::collections::HashSet<_> = (0..50).map(|_| backoff(5, cap)).collect();
         assert!(samples.len() > 1, "backoff is jittered");
+        for _ in 0..50 {
+            let fast = backoff(0, FAST_RETRY_MAX);
+            assert!(fast <= FAST_RETRY_MAX && fast >= MIN_BACKOFF, "{fast:?}");
+            assert!(
+                backoff(3, Duration::ZERO) == MIN_BACKOFF,
+                "a zero cap still waits"
+            );
+        }
     }
 }

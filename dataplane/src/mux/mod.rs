@@ -272,6 +272,16 @@ impl Session {
         self.shared.streams().len()
     }
 
+    /// Bytes received on this session's streams and not yet read by their
+    /// consumers: what flow control (v2) or the v1 buffer limit bounds.
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared
+            .streams()
+            .values()
+            .map(|s| s.state().recv_len)
+            .sum()
+    }
+
     /// Ends the session: every stream fails, the socket is closed.
     pub fn close(&self, reason: &str) {
         self.shared.close(reason);

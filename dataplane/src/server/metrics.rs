@@ -17,6 +17,7 @@ pub struct ServerMetrics {
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub active_streams: IntGaugeVec,
+    pub buffered_bytes: IntGaugeVec,
     pub agents_connected: IntGauge,
     pub rate_limited: IntCounter,
     pub auth_failures: IntCounterVec,
@@ -47,6 +48,13 @@ impl ServerMetrics {
             ),
             &["cluster"],
         )?;
+        let buffered_bytes = IntGaugeVec::new(
+            Opts::new(
+                "tunnel_buffered_bytes",
+                "Bytes received from each cluster's agent and not yet consumed.",
+            ),
+            &["cluster"],
+        )?;
         let agents_connected =
             IntGauge::new("agents_connected", "Agents connected to this server.")?;
         let rate_limited = IntCounter::new(
@@ -67,6 +75,7 @@ impl ServerMetrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(active_streams.clone()))?;
+        registry.register(Box::new(buffered_bytes.clone()))?;
         registry.register(Box::new(agents_connected.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
@@ -76,6 +85,7 @@ impl ServerMetrics {
             requests,
             duration,
             active_streams,
+            buffered_bytes,
             agents_connected,
             rate_limited,
             auth_failures,
@@ -86,11 +96,15 @@ impl ServerMetrics {
     /// The text exposition, with tunnel gauges read from the live sessions.
     pub fn render(&self, tunnels: &Tunnels) -> String {
         self.active_streams.reset();
+        self.buffered_bytes.reset();
         let snapshot = tunnels.snapshot();
         for (id, tunnel) in &snapshot {
             self.active_streams
                 .with_label_values(&[id.as_str()])
                 .set(tunnel.session.open_streams() as i64);
+            self.buffered_bytes
+                .with_label_values(&[id.as_str()])
+                .set(tunnel.session.buffered_bytes() as i64);
         }
         self.agents_connected.set(snapshot.len() as i64);
         let mut out = Vec::new();

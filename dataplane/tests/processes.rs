@@ -1,0 +1,354 @@
+//! The real binaries as processes: SIGTERM drain and restart, SIGHUP
+//! reload, and logs that never contain a secret, even at debug level.
+
+mod support;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{Pki, TestClient, WAIT, cluster_json};
+use tether::fake_apiserver::FakeApiServer;
+use tether::tls::ServerTlsFiles;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+
+const AGENT_TOKEN: &str = "agent-token-4f9a1c0e7d";
+const SA_TOKEN: &str = "sa-token-b83e22d1f6";
+const CALLER_TOKEN: &str = "caller-token-77ac0b9e";
+const WRONG_TOKEN: &str = "wrong-token-3d1e5f02";
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{name}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+struct World {
+    pki: Pki,
+    backend: FakeApiServer,
+    clusters: PathBuf,
+    public: u16,
+    internal: u16,
+}
+
+impl World {
+    async fn new() -> Self {
+        let pki = Pki::new();
+        let sa = pki.path("sa-token");
+        std::fs::write(&sa, SA_TOKEN).expect("sa");
+        let backend = FakeApiServer::start(
+            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            Some(ServerTlsFiles {
+                cert: pki.path("apiserver.crt"),
+                key: pki.path("apiserver.key"),
+                client_ca: None,
+            }),
+            sa,
+        )
+        .await
+        .expect("backend");
+        let clusters = pki.path("clusters.json");
+        std::fs::write(
+            &clusters,
+            cluster_json(&[("dev", AGENT_TOKEN, &backend.addr.to_string())]),
+        )
+        .expect("clusters");
+        Self {
+            pki,
+            backend,
+            clusters,
+            public: free_port(),
+            internal: free_port(),
+        }
+    }
+
+    fn log(&self, name: &str) -> PathBuf {
+        self.pki.path(&format!("{name}.log"))
+    }
+
+    fn server(&self, extra: &[&str]) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log("server"))
+            .expect("log");
+        Proc(
+            Command::new(env!("CARGO_BIN_EXE_tether-server"))
+                .args(["--addr", &format!("127.0.0.1:{}", self.public)])
+                .args(["--internal-addr", &format!("127.0.0.1:{}", self.internal)])
+                .arg("--clusters")
+                .arg(&self.clusters)
+                .arg("--tls-cert")
+                .arg(self.pki.path("server.crt"))
+                .arg("--tls-key")
+                .arg(self.pki.path("server.key"))
+                .args(["--log-level", "trace", "--keepalive-interval", "1s"])
+                .args(extra)
+                .env("CLUSTERS", "[]")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("tether-server starts"),
+        )
+    }
+
+    fn agent(&self, token: &str) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log("agent"))
+            .expect("log");
+        let token_file = self.pki.path(&format!("token-{token}"));
+        std::fs::write(&token_file, token).expect("token");
+        Proc(
+            Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+                .args(["--server", &format!("wss://localhost:{}", self.public)])
+                .arg("--token-file")
+                .arg(&token_file)
+                .args(["--target", &self.backend.addr.to_string()])
+                .arg("--sa-token-path")
+                .arg(self.pki.path("sa-token"))
+                .arg("--ca-cert")
+                .arg(self.pki.path("ca.crt"))
+                .arg("--server-ca-cert")
+                .arg(self.pki.path("ca.crt"))
+                .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
+                .args([
+                    "--log-level",
+                    "trace",
+                    "--max-retry",
+                    "30s",
+                    "--keepalive-interval",
+                    "1s",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("tether-agent starts"),
+        )
+    }
+
+    fn client(&self) -> TestClient {
+        TestClient::new(Some(&self.pki.path("ca.crt")), None)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.internal)
+    }
+
+    /// Waits until the server reports an agent connected (its /readyz).
+    async fn wait_ready(&self) -> Duration {
+        let client = self.client();
+        let started = Instant::now();
+        loop {
+            if let Ok(answer) = client
+                .request(
+                    http::Method::GET,
+                    &self.url("/readyz"),
+                    &[],
+                    Default::default(),
+                )
+                .await
+                && answer.status == http::StatusCode::OK
+            {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < WAIT, "server never became ready");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// SIGTERM: a watch in flight completes; new requests are refused; the
+/// agent is back on the restarted server at once, not after its backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_requests_and_agents_return_at_once() {
+    let world = World::new().await;
+    let server = world.server(&["--shutdown-grace", "10s"]);
+    let _agent = world.agent(AGENT_TOKEN);
+    world.wait_ready().await;
+
+    // A 3-second watch over TLS, read by a raw client.
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(
+        tether::tls::client_config(
+            tether::tls::load_roots(&world.pki.path("ca.crt")).expect("roots"),
+            None,
+        )
+        .expect("config"),
+    ));
+    let tcp = TcpStream::connect(("127.0.0.1", world.internal))
+        .await
+        .expect("connect");
+    let mut stream = tls
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").expect("name"),
+            tcp,
+        )
+        .await
+        .expect("tls");
+    stream
+        .write_all(b"GET /tunnel/dev/api/v1/namespaces/default/pods?watch=1&events=30&intervalMs=100 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut watch = BufReader::new(stream);
+    let mut status = String::new();
+    watch.read_line(&mut status).await.expect("status");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(&server.0, "TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = world
+        .client()
+        .request(
+            http::Method::GET,
+            &world.url("/tunnel/dev/version"),
+            &[],
+            Default::default(),
+        )
+        .await;
+    match refused {
+        Err(_) => {}
+        Ok(answer) => assert_eq!(
+            answer.status,
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            answer.text()
+        ),
+    }
+    let mut body = String::new();
+    tokio::time::timeout(WAIT, watch.read_to_string(&mut body))
+        .await
+        .expect("watch ends")
+        .expect("read");
+    let events = body.lines().filter(|l| l.starts_with('{')).count();
+    assert_eq!(events, 30, "the in-flight watch completed during the drain");
+
+    let mut server = server;
+    let exit = tokio::task::spawn_blocking(move || {
+        let status = server.0.wait();
+        (server, status)
+    });
+    let (_old, status) = tokio::time::timeout(WAIT, exit)
+        .await
+        .expect("server exits")
+        .expect("join");
+    assert!(status.is_ok_and(|s| s.success()), "clean exit after drain");
+
+    let _restarted = world.server(&[]);
+    let back = world.wait_ready().await;
+    assert!(back < Duration::from_secs(3), "agent back after {back:?}");
+}
+
+/// SIGHUP re-reads the clusters file even when polling would not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_clusters() {
+    let world = World::new().await;
+    std::fs::write(
+        &world.clusters,
+        cluster_json(&[("other", "other-token", "127.0.0.1:1")]),
+    )
+    .expect("write");
+    let server = world.server(&["--reload-interval", "1h"]);
+    let _agent = world.agent(AGENT_TOKEN);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    std::fs::write(
+        &world.clusters,
+        cluster_json(&[("dev", AGENT_TOKEN, &world.backend.addr.to_string())]),
+    )
+    .expect("write");
+    signal(&server.0, "HUP");
+    let after = world.wait_ready().await;
+    assert!(
+        after < Duration::from_secs(5),
+        "agent accepted {after:?} after SIGHUP"
+    );
+}
+
+/// Logs at trace level, across successes, failures and a hostile caller,
+/// never contain a token, a key or an Authorization value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_never_contain_secrets() {
+    let world = World::new().await;
+    let _server = world.server(&[]);
+    let _agent = world.agent(AGENT_TOKEN);
+    let _wrong = world.agent(WRONG_TOKEN);
+    world.wait_ready().await;
+    let client = world.client();
+    let auth = format!("Bearer {CALLER_TOKEN}");
+    for path in [
+        "/tunnel/dev/version",
+        "/tunnel/dev/api/v1/namespaces",
+        "/tunnel/unknown/api",
+        "/tunnel/dev/nope",
+    ] {
+        let _ = client
+            .get_with(
+                &world.url(path),
+                &[("authorization", &auth), ("impersonate-user", "admin")],
+            )
+            .await;
+    }
+    let _ = client
+        .get_with(
+            &format!("https://localhost:{}/connect", world.public),
+            &[("authorization", &auth)],
+        )
+        .await;
+    std::fs::write(world.pki.path("sa-token"), format!("{SA_TOKEN}-rotated")).expect("rotate");
+    let _ = client
+        .get_with(
+            &world.url("/tunnel/dev/version"),
+            &[("authorization", &auth)],
+        )
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let keys: Vec<String> = ["server.key", "apiserver.key"]
+        .iter()
+        .map(|k| std::fs::read_to_string(world.pki.path(k)).expect("key"))
+        .collect();
+    for name in ["server", "agent"] {
+        let log = std::fs::read_to_string(world.log(name)).expect("log");
+        assert!(log.lines().count() > 5, "{name} logged at trace level");
+        for secret in [
+            AGENT_TOKEN,
+            SA_TOKEN,
+            CALLER_TOKEN,
+            WRONG_TOKEN,
+            "Bearer ",
+            "PRIVATE KEY",
+        ] {
+            assert!(!log.contains(secret), "{name} log contains {secret:?}");
+        }
+        for key in &keys {
+            let body: String = key.lines().filter(|l| !l.starts_with("-----")).collect();
+            assert!(
+                !log.contains(&body[..40]),
+                "{name} log contains key material"
+            );
+        }
+    }
+}
