@@ -150,11 +150,30 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
     if !authorized {
         return kube_status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
     }
-    if let Some(protocol) = upgrade_protocol(request.headers()) {
-        return upgrade(request, protocol);
-    }
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
+    let pod = pod_path(&path);
+    if let Some(protocol) = upgrade_protocol(request.headers()) {
+        let offers_v5 = header_has_token(
+            request.headers(),
+            &header::SEC_WEBSOCKET_PROTOCOL,
+            EXEC_PROTOCOL,
+        );
+        if matches!(pod, Some((_, _, Some("exec")))) && offers_v5 {
+            return exec(request);
+        }
+        return upgrade(request, protocol);
+    }
+    match pod {
+        Some((namespace, name, None)) if request.method() == Method::GET => {
+            return json_response(pod_object(namespace, name));
+        }
+        Some((_, name, Some("log"))) if request.method() == Method::GET => {
+            let follow = query_param(&query, "follow").is_some_and(|v| v == "true");
+            return log_stream(name, if follow { None } else { Some(3) });
+        }
+        _ => {}
+    }
     match (request.method().clone(), path.as_str()) {
         (Method::GET, "/version") => json_response(json!({
             "major": "1", "minor": "33", "gitVersion": "v1.33.0-tether-fake",
@@ -223,6 +242,109 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
             "the server could not find the requested resource",
         ),
     }
+}
+
+const EXEC_PROTOCOL: &str = "v5.channel.k8s.io";
+
+/// `/api/v1/namespaces/{ns}/pods/{name}[/{subresource}]`.
+fn pod_path(path: &str) -> Option<(&str, &str, Option<&str>)> {
+    let rest = path.strip_prefix("/api/v1/namespaces/")?;
+    let mut parts = rest.split('/');
+    let namespace = parts.next()?;
+    if parts.next()? != "pods" {
+        return None;
+    }
+    let name = parts.next().filter(|n| !n.is_empty())?;
+    let sub = parts.next();
+    parts.next().is_none().then_some((namespace, name, sub))
+}
+
+fn pod_object(namespace: &str, name: &str) -> serde_json::Value {
+    json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
+                     "resourceVersion": "1", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"containers": [{"name": "main", "image": "busybox"}]},
+        "status": {"phase": "Running", "containerStatuses": [{"name": "main", "ready": true,
+            "restartCount": 0, "image": "busybox", "imageID": "", "state": {"running": {}}}]}
+    })
+}
+
+/// Container logs: `count` lines, or one line every 50 ms while followed.
+fn log_stream(pod: &str, count: Option<u64>) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(4);
+    let pod = pod.to_owned();
+    tokio::spawn(async move {
+        let mut n: u64 = 0;
+        while count.is_none_or(|c| n < c) {
+            n += 1;
+            if tx
+                .send(Ok(Frame::data(Bytes::from(format!(
+                    "{pod} log line {n}\n"
+                )))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if count.is_none() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    Response::new(BodyExt::boxed(StreamBody::new(tokio_stream_from(rx))))
+}
+
+/// `kubectl exec -i ... -- cat` over WebSocket (`v5.channel.k8s.io`): stdin
+/// (channel 0) comes back on stdout (channel 1); when the client closes
+/// stdin (255, 0) the "process" exits with a Success status (channel 3).
+fn exec(mut request: Request<Incoming>) -> Response<Body> {
+    use tokio_tungstenite::tungstenite::Message;
+    let on_upgrade = hyper::upgrade::on(&mut request);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            tokio_tungstenite::tungstenite::protocol::Role::Server,
+            None,
+        )
+        .await;
+        let (mut sink, mut source) = futures_util::StreamExt::split(ws);
+        use futures_util::SinkExt;
+        while let Some(Ok(message)) = futures_util::StreamExt::next(&mut source).await {
+            let Message::Binary(data) = message else {
+                continue;
+            };
+            match data.first() {
+                Some(0) => {
+                    let mut out = vec![1u8];
+                    out.extend_from_slice(&data[1..]);
+                    if sink.send(Message::Binary(out.into())).await.is_err() {
+                        return;
+                    }
+                }
+                Some(255) if data.get(1) == Some(&0) => break,
+                _ => {}
+            }
+        }
+        let mut status = vec![3u8];
+        status.extend_from_slice(br#"{"metadata":{},"status":"Success"}"#);
+        let _ = sink.send(Message::Binary(status.into())).await;
+        // client-go reads the status channel to EOF, which only a normal
+        // (1000) close gives.
+        let normal = tokio_tungstenite::tungstenite::protocol::CloseFrame {
+            code: tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode::Normal,
+            reason: "".into(),
+        };
+        let _ = sink.send(Message::Close(Some(normal))).await;
+    });
+    switching_protocols(
+        request.headers(),
+        HeaderValue::from_static("websocket"),
+        Some(EXEC_PROTOCOL),
+    )
 }
 
 /// A watch: one JSON event per chunk, `count` of them (or forever).
@@ -294,33 +416,45 @@ async fn sink(request: Request<Incoming>) -> Response<Body> {
     json_response(json!({"bytes": total, "sha256": hex::encode(hasher.finalize())}))
 }
 
+/// The 101 answer to an upgrade: `Sec-WebSocket-Accept` for WebSocket, and
+/// the chosen subprotocol (the first offered, unless `subprotocol` says).
+fn switching_protocols(
+    headers: &HeaderMap,
+    protocol: HeaderValue,
+    subprotocol: Option<&'static str>,
+) -> Response<Body> {
+    let mut response = Response::new(empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let answer = response.headers_mut();
+    answer.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    if header_has_token(headers, &header::UPGRADE, "websocket") {
+        if let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY) {
+            let accept =
+                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+            if let Ok(value) = HeaderValue::from_str(&accept) {
+                answer.insert(header::SEC_WEBSOCKET_ACCEPT, value);
+            }
+        }
+        let chosen = match subprotocol {
+            Some(chosen) => Some(HeaderValue::from_static(chosen)),
+            None => headers
+                .get(header::SEC_WEBSOCKET_PROTOCOL)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .and_then(|v| HeaderValue::from_str(v.trim()).ok()),
+        };
+        if let Some(chosen) = chosen {
+            answer.insert(header::SEC_WEBSOCKET_PROTOCOL, chosen);
+        }
+    }
+    answer.insert(header::UPGRADE, protocol);
+    response
+}
+
 /// Accepts any upgrade (SPDY/3.1, websocket) with 101, then echoes bytes
 /// until the client half-closes, then closes.
 fn upgrade(mut request: Request<Incoming>, protocol: HeaderValue) -> Response<Body> {
     let on_upgrade = hyper::upgrade::on(&mut request);
-    let mut response = Response::new(empty());
-    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    if header_has_token(request.headers(), &header::UPGRADE, "websocket") {
-        if let Some(key) = request.headers().get(header::SEC_WEBSOCKET_KEY) {
-            let accept =
-                tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-            if let Ok(value) = HeaderValue::from_str(&accept) {
-                headers.insert(header::SEC_WEBSOCKET_ACCEPT, value);
-            }
-        }
-        if let Some(first) = request
-            .headers()
-            .get(header::SEC_WEBSOCKET_PROTOCOL)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| HeaderValue::from_str(v.trim()).ok())
-        {
-            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, first);
-        }
-    }
-    headers.insert(header::UPGRADE, protocol);
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
             return;
@@ -339,7 +473,7 @@ fn upgrade(mut request: Request<Incoming>, protocol: HeaderValue) -> Response<Bo
         }
         let _ = io.shutdown().await;
     });
-    response
+    switching_protocols(request.headers(), protocol, None)
 }
 
 fn tokio_stream_from<T: Send + 'static>(

@@ -1,14 +1,10 @@
 //! The README's demo command keeps working: run the demo binary itself.
 
+mod support;
+
 #[test]
 fn demo_runs_end_to_end() {
-    if std::process::Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP: kubectl is not installed; the demo drives kubectl");
+    if !support::kubectl_available() {
         return;
     }
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tether-demo"))

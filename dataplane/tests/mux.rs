@@ -513,3 +513,41 @@ async fn closing_the_session_fails_every_stream() {
     assert!(err.to_string().contains("test says so"), "{err}");
     assert!(matches!(server.open("t:1").await, Err(OpenError::Closed)));
 }
+
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_cut_off_by_the_write_deadline() {
+    let (client, server_socket) = sockets().await;
+    let mut cfg = config(Version::V2, Role::Opener);
+    cfg.write_timeout = Duration::from_millis(300);
+    let (session, _) = Session::start(server_socket, cfg);
+    // The peer holds the socket open but never reads from it.
+    let _peer = client;
+    let mut writers = Vec::new();
+    for _ in 0..8 {
+        // 0-RTT: each stream may send a full window before any answer.
+        let mut stream = session.open("t:1").await.expect("open");
+        writers.push(tokio::spawn(async move {
+            let chunk = vec![0u8; tether::protocol::V2_INITIAL_WINDOW as usize];
+            stream.write_all(&chunk).await
+        }));
+    }
+    tokio::time::timeout(WAIT, session.closed())
+        .await
+        .expect("dead peer detected");
+    let reason = session.close_reason().unwrap_or_default();
+    assert!(reason.contains("stalled"), "{reason}");
+    // Writes that fit in the send queue finished before the stall (as
+    // writes into a TCP buffer do); the ones still waiting must fail, not hang.
+    let mut failed = 0;
+    for writer in writers {
+        let result = tokio::time::timeout(WAIT, writer)
+            .await
+            .expect("writer released")
+            .expect("task");
+        failed += usize::from(result.is_err());
+    }
+    assert!(
+        failed > 0,
+        "writers blocked on the dead socket got an error"
+    );
+}

@@ -139,17 +139,8 @@ async fn upgraded_connections_support_half_close() {
     tcp.write_all(b"POST /tunnel/dev/api/v1/namespaces/default/pods/web/portforward HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\r\n")
         .await
         .expect("write");
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut byte = [0u8; 1];
-        tcp.read_exact(&mut byte).await.expect("read");
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let head = support::read_head(&mut tcp).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
     let payload: Vec<u8> = (0..1_500_000u32).map(|i| (i % 241) as u8).collect();
     let (mut reader, mut writer) = tcp.into_split();
     let sent = payload.clone();

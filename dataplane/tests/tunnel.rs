@@ -11,7 +11,7 @@ use http::{Method, StatusCode};
 use support::{Env, Security, TestClient, WAIT, cluster_json, eventually};
 use tether::agent::{Agent, AgentError};
 use tether::protocol::{Frame, FrameType};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxies_and_strips_every_caller_credential() {
@@ -546,14 +546,7 @@ async fn kubectl_and_curl_through_the_tunnel() {
     let env = Env::start(Security::Plain).await;
     let _agent = env.connected_agent().await;
     let server = format!("http://127.0.0.1:{}/tunnel/dev", env.internal_addr.port());
-    if std::process::Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIP kubectl part: kubectl is not installed");
-    } else {
+    if support::kubectl_available() {
         let out = tokio::process::Command::new("kubectl")
             .args([
                 "--server",
@@ -658,19 +651,10 @@ async fn upgrades_pass_through_as_raw_bytes() {
             .await
             .expect("connect");
         let request = format!(
-            "POST /tunnel/dev/api/v1/namespaces/default/pods/web/exec?command=sh&stdin=true HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer caller\r\n{headers}\r\n"
+            "POST /tunnel/dev/api/v1/namespaces/default/pods/web/portforward?ports=8080 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer caller\r\n{headers}\r\n"
         );
         tcp.write_all(request.as_bytes()).await.expect("write");
-        let mut head = Vec::new();
-        while !head.ends_with(b"\r\n\r\n") {
-            let mut byte = [0u8; 1];
-            tokio::time::timeout(WAIT, tcp.read_exact(&mut byte))
-                .await
-                .expect("in time")
-                .expect("read");
-            head.push(byte[0]);
-        }
-        let head = String::from_utf8_lossy(&head).to_lowercase();
+        let head = support::read_head(&mut tcp).await.to_lowercase();
         assert!(head.starts_with("http/1.1 101"), "{head}");
         assert!(head.contains("upgrade:"), "{head}");
         if headers.contains("websocket") {
@@ -701,4 +685,107 @@ async fn upgrades_pass_through_as_raw_bytes() {
         seen.iter().all(|r| r.authorized),
         "agent token injected into upgrade requests"
     );
+}
+
+/// Rotated certificates (cert-manager, projected Secrets) apply to new
+/// connections without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_certificates_reload_from_disk() {
+    let env = Env::start(Security::Tls).await;
+    let presented = || async {
+        let config = tether::tls::client_config(
+            tether::tls::load_roots(&env.pki.path("ca.crt")).expect("roots"),
+            None,
+        )
+        .expect("config");
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let tcp = tokio::net::TcpStream::connect(env.internal_addr)
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let tls = connector.connect(name, tcp).await.expect("handshake");
+        tls.get_ref().1.peer_certificates().expect("certs")[0]
+            .clone()
+            .into_owned()
+    };
+    let before = presented().await;
+    let loopback = ["127.0.0.1".parse().expect("ip")];
+    env.pki.issue(
+        "server",
+        &tether::pki::LeafRequest::server(
+            "tether-server-rotated",
+            &["localhost"],
+            &loopback,
+            Duration::from_secs(600),
+        ),
+    );
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if presented().await != before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Real `kubectl exec -i` (WebSocket, v5.channel.k8s.io) and `kubectl logs
+/// -f` through the tunnel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_exec_and_follow_logs_through_the_tunnel() {
+    if !support::kubectl_available() {
+        return;
+    }
+    let env = Env::start(Security::Plain).await;
+    let _agent = env.connected_agent().await;
+    let server = format!("http://127.0.0.1:{}/tunnel/dev", env.internal_addr.port());
+    let mut exec = tokio::process::Command::new("kubectl")
+        .args(["--server", &server, "exec", "-i", "web", "--", "cat"])
+        .env("KUBECONFIG", "/dev/null")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    let mut stdin = exec.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"hello through the tunnel\n")
+        .await
+        .expect("stdin");
+    drop(stdin);
+    let out = tokio::time::timeout(WAIT, exec.wait_with_output())
+        .await
+        .expect("exec ends")
+        .expect("output");
+    assert!(
+        out.status.success(),
+        "kubectl exec failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "hello through the tunnel\n"
+    );
+
+    let mut logs = tokio::process::Command::new("kubectl")
+        .args(["--server", &server, "logs", "-f", "web"])
+        .env("KUBECONFIG", "/dev/null")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("kubectl runs");
+    let mut lines = tokio::io::BufReader::new(logs.stdout.take().expect("stdout")).lines();
+    for n in 1..=5 {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("line in time")
+            .expect("read");
+        assert_eq!(line.as_deref(), Some(format!("web log line {n}").as_str()));
+    }
+    let _ = logs.kill().await;
+    assert!(env.backend.seen().iter().all(|r| r.authorized));
 }

@@ -216,22 +216,20 @@ impl RunningServer {
             Some((public, internal)) => (Some(public), Some(internal)),
             None => (None, None),
         };
-        let public_state = state.clone();
-        tasks.spawn(listen::serve(
-            public,
-            public_tls,
-            move |conn| service(public_state.clone(), conn, public_routes),
-            stop.clone(),
-            grace,
-        ));
-        let internal_state = state.clone();
-        tasks.spawn(listen::serve(
-            internal,
-            internal_tls,
-            move |conn| service(internal_state.clone(), conn, internal_routes),
-            stop.clone(),
-            grace,
-        ));
+        let ports: [(TcpListener, _, Routes); 2] = [
+            (public, public_tls, public_routes),
+            (internal, internal_tls, internal_routes),
+        ];
+        for (listener, tls, routes) in ports {
+            let state = state.clone();
+            tasks.spawn(listen::serve(
+                listener,
+                tls,
+                move |conn| service(state.clone(), conn, routes),
+                stop.clone(),
+                grace,
+            ));
+        }
         tasks.spawn(config::watch(source, state.clone(), stop.clone()));
         Ok(Self {
             public_addr,

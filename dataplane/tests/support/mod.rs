@@ -410,3 +410,31 @@ impl TestClient {
             .unwrap_or_else(|e| panic!("GET {url}: {e}"))
     }
 }
+
+/// Whether kubectl can be run; tests that drive it say SKIP otherwise.
+pub fn kubectl_available() -> bool {
+    let found = std::process::Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok();
+    if !found {
+        eprintln!("SKIP: kubectl is not installed");
+    }
+    found
+}
+
+/// Reads an HTTP/1.1 response head (through the blank line) from a raw
+/// connection, leaving whatever follows (an upgraded stream) unread.
+pub async fn read_head(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::time::timeout(WAIT, io.read_exact(&mut byte))
+            .await
+            .expect("response head in time")
+            .expect("read");
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
