@@ -523,11 +523,13 @@ async fn a_peer_that_stops_reading_is_cut_off_by_the_write_deadline() {
     // The peer holds the socket open but never reads from it.
     let _peer = client;
     let mut writers = Vec::new();
-    for _ in 0..8 {
-        // 0-RTT: each stream may send a full window before any answer.
+    for _ in 0..16 {
+        // 0-RTT: each stream may send a full window before any answer; 16
+        // windows (8 MiB) overflow the send queue and the peer's buffers, and
+        // the second window waits for credit that never comes.
         let mut stream = session.open("t:1").await.expect("open");
         writers.push(tokio::spawn(async move {
-            let chunk = vec![0u8; tether::protocol::V2_INITIAL_WINDOW as usize];
+            let chunk = vec![0u8; 2 * tether::protocol::V2_INITIAL_WINDOW as usize];
             stream.write_all(&chunk).await
         }));
     }
