@@ -122,3 +122,69 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mux::{Role, SessionConfig};
+    use crate::protocol::Version;
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+
+    async fn session() -> Session {
+        let (a, _b) = tokio::io::duplex(1024);
+        let ws = WebSocketStream::from_raw_socket(a, WsRole::Server, None).await;
+        Session::start(ws, SessionConfig::new(Version::V2, Role::Opener, "test")).0
+    }
+
+    fn tunnel(generation: u64, session: Session) -> Tunnel {
+        Tunnel {
+            generation,
+            session,
+            agent_version: "test".into(),
+            remote: "127.0.0.1:1".parse().expect("addr"),
+            since: SystemTime::now(),
+            token_sha256: crate::clusters::token_sha256("t"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_old_sessions_teardown_never_removes_its_successor() {
+        let registry = Registry::default();
+        let old = session().await;
+        let new = session().await;
+        let (g1, g2) = (registry.next_generation(), registry.next_generation());
+        registry.insert("dev", tunnel(g1, old.clone()));
+        registry.insert("dev", tunnel(g2, new.clone()));
+        assert!(old.is_closed(), "the replaced session is closed");
+        assert!(
+            !registry.remove_if_current("dev", g1),
+            "stale teardown is a no-op"
+        );
+        assert_eq!(registry.get("dev").map(|t| t.generation), Some(g2));
+        assert!(registry.remove_if_current("dev", g2));
+        assert!(registry.is_empty());
+    }
+
+    #[tokio::test]
+    async fn removed_clusters_and_changed_tokens_lose_their_session() {
+        let registry = Registry::default();
+        let kept = session().await;
+        let removed = session().await;
+        let rotated = session().await;
+        let mut t = tunnel(registry.next_generation(), kept.clone());
+        registry.insert("kept", t.clone());
+        t = tunnel(registry.next_generation(), removed.clone());
+        registry.insert("gone", t);
+        let mut r = tunnel(registry.next_generation(), rotated.clone());
+        r.token_sha256 = crate::clusters::token_sha256("old");
+        registry.insert("rotated", r);
+        let clusters =
+            Clusters::parse(r#"[{"id":"kept","token":"t"},{"id":"rotated","token":"new"}]"#)
+                .expect("valid");
+        let mut closed = registry.retain_configured(&clusters);
+        closed.sort();
+        assert_eq!(closed, ["gone", "rotated"]);
+        assert!(!kept.is_closed() && removed.is_closed() && rotated.is_closed());
+    }
+}
