@@ -205,6 +205,43 @@ impl CertificateAuthority {
     }
 }
 
+/// A certificate's validity window and the cluster it names, read from PEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    pub cluster: Option<String>,
+}
+
+impl CertInfo {
+    pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
+        use rustls::pki_types::pem::PemObject;
+        let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| PkiError::Parse)?;
+        let (_, parsed) = X509Certificate::from_der(der.as_ref()).map_err(|_| PkiError::Parse)?;
+        let to_system = |t: x509_parser::time::ASN1Time| {
+            SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
+        };
+        Ok(Self {
+            not_before: to_system(parsed.validity().not_before),
+            not_after: to_system(parsed.validity().not_after),
+            cluster: cluster_identity(&der)?,
+        })
+    }
+
+    /// When the certificate should be replaced: two thirds into its life.
+    pub fn renew_at(&self) -> SystemTime {
+        let life = self
+            .not_after
+            .duration_since(self.not_before)
+            .unwrap_or_default();
+        self.not_before + life.mul_f64(2.0 / 3.0)
+    }
+
+    pub fn due(&self, now: SystemTime) -> bool {
+        now >= self.renew_at()
+    }
+}
+
 /// The cluster an agent certificate names (its `spiffe://tether/cluster/`
 /// URI SAN), if any.
 pub fn cluster_identity(cert: &CertificateDer<'_>) -> Result<Option<String>, PkiError> {
@@ -265,6 +302,26 @@ mod tests {
         verifier
             .verify_client_cert(&leaf, &[], rustls::pki_types::UnixTime::now())
             .expect("agent cert chains to the CA");
+    }
+
+    #[test]
+    fn renewal_is_due_at_two_thirds_of_the_lifetime() {
+        let ca = CertificateAuthority::generate("test CA", Duration::from_secs(3600)).expect("ca");
+        let issued = ca
+            .issue(&LeafRequest::agent("a", Duration::from_secs(3000)))
+            .expect("leaf");
+        let info = CertInfo::from_pem(&issued.cert_pem).expect("parses");
+        assert_eq!(info.cluster.as_deref(), Some("a"));
+        // Backdated by BACKDATE, so the life is 3000 s + 300 s.
+        let renew_in = info
+            .renew_at()
+            .duration_since(SystemTime::now())
+            .expect("future")
+            .as_secs();
+        assert!((1890..=1910).contains(&renew_in), "{renew_in}");
+        assert!(!info.due(SystemTime::now()));
+        assert!(info.due(SystemTime::now() + Duration::from_secs(2000)));
+        assert!(CertInfo::from_pem("not a cert").is_err());
     }
 
     #[test]

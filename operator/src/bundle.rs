@@ -1,0 +1,491 @@
+//! The agent install bundle: every object a customer applies in the
+//! air-gapped cluster, as one deterministic multi-document YAML file.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, HTTPGetAction, Namespace, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
+    SecurityContext, ServiceAccount, Volume, VolumeMount,
+};
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPort,
+    NetworkPolicySpec,
+};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// Name of every object the bundle creates in the customer cluster.
+pub const AGENT_NAME: &str = "tether-agent";
+const HEALTH_PORT: i32 = 8081;
+const SECRET_MOUNT: &str = "/etc/tether";
+
+/// Everything a bundle is made from. Same input, same bytes.
+#[derive(Debug, Clone)]
+pub struct BundleInput {
+    pub cluster_id: String,
+    pub namespace: String,
+    pub image: String,
+    pub replicas: i32,
+    pub resources: Option<ResourceRequirements>,
+    pub rules: Option<Vec<PolicyRule>>,
+    /// wss:// URL of tether-server's public port.
+    pub server_url: String,
+    pub target: String,
+    /// Secret material (agent token, client key): never logged.
+    pub token: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+    /// CA that signed tether-server's certificate.
+    pub server_ca_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bundle {
+    pub yaml: String,
+    /// SHA-256 (hex) of the bundle's body: its lines that are not comments.
+    pub sha256: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("cannot serialize {kind}: {source}")]
+    Serialize {
+        kind: &'static str,
+        source: serde_yaml_ng::Error,
+    },
+}
+
+/// Broad by default, as ArgoCD's own `argocd-manager` ClusterRole: ArgoCD
+/// deploys arbitrary resources. `spec.agent.rules` narrows it.
+pub fn default_rules() -> Vec<PolicyRule> {
+    vec![
+        PolicyRule {
+            api_groups: Some(vec!["*".into()]),
+            resources: Some(vec!["*".into()]),
+            verbs: vec!["*".into()],
+            ..Default::default()
+        },
+        PolicyRule {
+            non_resource_urls: Some(vec!["*".into()]),
+            verbs: vec!["*".into()],
+            ..Default::default()
+        },
+    ]
+}
+
+fn labels() -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), AGENT_NAME.to_owned()),
+        ("app.kubernetes.io/part-of".to_owned(), "tether".to_owned()),
+    ])
+}
+
+fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        labels: Some(labels()),
+        ..Default::default()
+    }
+}
+
+fn port_of_url(url: &str) -> i32 {
+    let authority = url
+        .split("://")
+        .nth(1)
+        .unwrap_or(url)
+        .split('/')
+        .next()
+        .unwrap_or("");
+    authority
+        .rsplit_once(':')
+        .and_then(|(_, port)| port.parse().ok())
+        .unwrap_or(if url.starts_with("ws://") { 80 } else { 443 })
+}
+
+fn tcp(port: i32) -> NetworkPolicyPort {
+    NetworkPolicyPort {
+        protocol: Some("TCP".into()),
+        port: Some(IntOrString::Int(port)),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(HEALTH_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        ..Default::default()
+    }
+}
+
+fn default_resources() -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("20m".into())),
+            ("memory".to_owned(), Quantity("32Mi".into())),
+        ])),
+        limits: Some(BTreeMap::from([(
+            "memory".to_owned(),
+            Quantity("256Mi".into()),
+        )])),
+        ..Default::default()
+    }
+}
+
+fn deployment(input: &BundleInput) -> Deployment {
+    let file = |name: &str| format!("{SECRET_MOUNT}/{name}");
+    let args = vec![
+        format!("--server={}", input.server_url),
+        format!("--token-file={}", file("token")),
+        format!("--server-ca-cert={}", file("ca.crt")),
+        format!("--client-cert={}", file("tls.crt")),
+        format!("--client-key={}", file("tls.key")),
+        format!("--target={}", input.target),
+        format!("--health-addr=:{HEALTH_PORT}"),
+    ];
+    let container = Container {
+        name: "agent".into(),
+        image: Some(input.image.clone()),
+        image_pull_policy: Some("IfNotPresent".into()),
+        args: Some(args),
+        ports: Some(vec![ContainerPort {
+            name: Some("health".into()),
+            container_port: HEALTH_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+        liveness_probe: Some(http_probe("/healthz", 20)),
+        readiness_probe: Some(http_probe("/readyz", 10)),
+        resources: Some(input.resources.clone().unwrap_or_else(default_resources)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "credentials".into(),
+            mount_path: SECRET_MOUNT.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    };
+    Deployment {
+        metadata: meta(AGENT_NAME, Some(&input.namespace)),
+        spec: Some(DeploymentSpec {
+            replicas: Some(input.replicas),
+            selector: LabelSelector {
+                match_labels: Some(labels()),
+                ..Default::default()
+            },
+            // One tunnel per cluster: never run two agents side by side.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("Recreate".into()),
+                ..Default::default()
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels()),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    service_account_name: Some(AGENT_NAME.into()),
+                    // The agent's own token, rotated by the kubelet and
+                    // re-read by the agent for every request.
+                    automount_service_account_token: Some(true),
+                    security_context: Some(PodSecurityContext {
+                        run_as_non_root: Some(true),
+                        run_as_user: Some(65532),
+                        run_as_group: Some(65532),
+                        seccomp_profile: Some(SeccompProfile {
+                            type_: "RuntimeDefault".into(),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    containers: vec![container],
+                    volumes: Some(vec![Volume {
+                        name: "credentials".into(),
+                        secret: Some(SecretVolumeSource {
+                            secret_name: Some(AGENT_NAME.into()),
+                            default_mode: Some(0o440),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn network_policy(input: &BundleInput) -> NetworkPolicy {
+    let dns = NetworkPolicyEgressRule {
+        ports: Some(vec![
+            NetworkPolicyPort {
+                protocol: Some("UDP".into()),
+                port: Some(IntOrString::Int(53)),
+                ..Default::default()
+            },
+            tcp(53),
+        ]),
+        ..Default::default()
+    };
+    let target_port = input
+        .target
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(443);
+    // NetworkPolicy cannot name hosts, only ports: egress is limited to DNS,
+    // tether-server's port and the API server's ports (443 for the Service,
+    // 6443 for the endpoints it is rewritten to).
+    let mut api_ports: Vec<i32> = vec![443, 6443, target_port];
+    api_ports.sort_unstable();
+    api_ports.dedup();
+    let server = NetworkPolicyEgressRule {
+        ports: Some(vec![tcp(port_of_url(&input.server_url))]),
+        ..Default::default()
+    };
+    let api = NetworkPolicyEgressRule {
+        ports: Some(api_ports.into_iter().map(tcp).collect()),
+        ..Default::default()
+    };
+    NetworkPolicy {
+        metadata: meta(AGENT_NAME, Some(&input.namespace)),
+        spec: Some(NetworkPolicySpec {
+            pod_selector: Some(LabelSelector {
+                match_labels: Some(labels()),
+                ..Default::default()
+            }),
+            policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
+            // Only probes and metrics reach the agent; tunnel traffic
+            // arrives over the connection the agent dialed.
+            ingress: Some(vec![NetworkPolicyIngressRule {
+                ports: Some(vec![tcp(HEALTH_PORT)]),
+                ..Default::default()
+            }]),
+            egress: Some(vec![dns, server, api]),
+        }),
+    }
+}
+
+fn secret(input: &BundleInput) -> Secret {
+    let data = BTreeMap::from([
+        (
+            "ca.crt".to_owned(),
+            ByteString(input.server_ca_pem.clone().into_bytes()),
+        ),
+        (
+            "tls.crt".to_owned(),
+            ByteString(input.client_cert_pem.clone().into_bytes()),
+        ),
+        (
+            "tls.key".to_owned(),
+            ByteString(input.client_key_pem.clone().into_bytes()),
+        ),
+        (
+            "token".to_owned(),
+            ByteString(input.token.clone().into_bytes()),
+        ),
+    ]);
+    Secret {
+        metadata: meta(AGENT_NAME, Some(&input.namespace)),
+        type_: Some("Opaque".into()),
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn document<T: Serialize>(kind: &'static str, object: &T) -> Result<String, BundleError> {
+    serde_yaml_ng::to_string(object).map_err(|source| BundleError::Serialize { kind, source })
+}
+
+/// Renders the bundle. Deterministic: the same input gives the same bytes.
+pub fn render(input: &BundleInput) -> Result<Bundle, BundleError> {
+    let namespace = Namespace {
+        metadata: meta(&input.namespace, None),
+        ..Default::default()
+    };
+    let service_account = ServiceAccount {
+        metadata: meta(AGENT_NAME, Some(&input.namespace)),
+        ..Default::default()
+    };
+    let role = ClusterRole {
+        metadata: meta(AGENT_NAME, None),
+        rules: Some(input.rules.clone().unwrap_or_else(default_rules)),
+        ..Default::default()
+    };
+    let binding = ClusterRoleBinding {
+        metadata: meta(AGENT_NAME, None),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "ClusterRole".into(),
+            name: AGENT_NAME.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: AGENT_NAME.into(),
+            namespace: Some(input.namespace.clone()),
+            ..Default::default()
+        }]),
+    };
+    let documents = [
+        document("Namespace", &namespace)?,
+        document("ServiceAccount", &service_account)?,
+        document("ClusterRole", &role)?,
+        document("ClusterRoleBinding", &binding)?,
+        document("Secret", &secret(input))?,
+        document("Deployment", &deployment(input))?,
+        document("NetworkPolicy", &network_policy(input))?,
+    ];
+    let body: String = documents.iter().map(|doc| format!("---\n{doc}")).collect();
+    let sha256 = hex::encode(Sha256::digest(body.as_bytes()));
+    let header = format!(
+        "# tether agent bundle for cluster {id}\n\
+         # Apply in the customer cluster: kubectl apply -f <this file>\n\
+         # It creates namespace {ns}, a ServiceAccount with a ClusterRole, and\n\
+         # tether-agent, which dials out to {server} and listens on nothing\n\
+         # but its health port ({health}).\n\
+         # SECRET: contains the agent token and client key. Handle as a secret.\n\
+         # Images to mirror: {image}\n\
+         # sha256 of the non-comment lines: {sha256}\n\
+         #   check: grep -v '^#' <this file> | sha256sum\n",
+        id = input.cluster_id,
+        ns = input.namespace,
+        server = input.server_url,
+        health = HEALTH_PORT,
+        image = input.image,
+    );
+    Ok(Bundle {
+        yaml: format!("{header}{body}"),
+        sha256,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn input() -> BundleInput {
+        BundleInput {
+            cluster_id: "customer-a".into(),
+            namespace: "tether-agent".into(),
+            image: "ghcr.io/tether-dev/tether:0.1.0".into(),
+            replicas: 1,
+            resources: None,
+            rules: None,
+            server_url: "wss://tether.example.com:8443".into(),
+            target: "kubernetes.default.svc:443".into(),
+            token: "secret-token".into(),
+            client_cert_pem: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n"
+                .into(),
+            client_key_pem: "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n".into(),
+            server_ca_pem: "-----BEGIN CERTIFICATE-----\nAQ==\n-----END CERTIFICATE-----\n".into(),
+        }
+    }
+
+    #[test]
+    fn rendering_is_deterministic_and_hashes_its_body() {
+        let a = render(&input()).expect("renders");
+        let b = render(&input()).expect("renders");
+        assert_eq!(a, b);
+        let body: String = a
+            .yaml
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(hex::encode(Sha256::digest(body.as_bytes())), a.sha256);
+        assert!(
+            a.yaml
+                .contains(&format!("# sha256 of the non-comment lines: {}", a.sha256))
+        );
+        let mut rotated = input();
+        rotated.token = "another".into();
+        assert_ne!(render(&rotated).expect("renders").sha256, a.sha256);
+    }
+
+    #[test]
+    fn every_document_parses_and_is_locked_down() {
+        let bundle = render(&input()).expect("renders");
+        let docs: Vec<serde_json::Value> = serde_yaml_ng::Deserializer::from_str(&bundle.yaml)
+            .map(|doc| serde_json::Value::deserialize(doc).expect("yaml"))
+            .collect();
+        let kinds: Vec<&str> = docs
+            .iter()
+            .map(|d| d["kind"].as_str().expect("kind"))
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "Namespace",
+                "ServiceAccount",
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Secret",
+                "Deployment",
+                "NetworkPolicy"
+            ]
+        );
+        let deployment: Deployment = serde_json::from_value(docs[5].clone()).expect("Deployment");
+        let pod = deployment.spec.expect("spec").template.spec.expect("pod");
+        let security = pod.containers[0]
+            .security_context
+            .clone()
+            .expect("security context");
+        assert_eq!(security.read_only_root_filesystem, Some(true));
+        assert_eq!(security.allow_privilege_escalation, Some(false));
+        assert_eq!(security.run_as_non_root, Some(true));
+        assert_eq!(
+            security.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_owned()])
+        );
+        assert_eq!(
+            security.seccomp_profile.map(|s| s.type_),
+            Some("RuntimeDefault".to_owned())
+        );
+        let args = pod.containers[0].args.clone().expect("args");
+        assert!(args.contains(&"--target=kubernetes.default.svc:443".to_owned()));
+        assert!(
+            !args.iter().any(|a| a.contains("secret-token")),
+            "token only in the Secret"
+        );
+        let policy: NetworkPolicy = serde_json::from_value(docs[6].clone()).expect("NetworkPolicy");
+        let egress = policy.spec.expect("spec").egress.expect("egress");
+        let ports: Vec<i32> = egress
+            .iter()
+            .flat_map(|r| r.ports.clone().unwrap_or_default())
+            .filter_map(|p| match p.port {
+                Some(IntOrString::Int(port)) => Some(port),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ports, [53, 53, 8443, 443, 6443]);
+    }
+
+    use serde::Deserialize;
+}

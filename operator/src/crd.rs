@@ -1,0 +1,314 @@
+//! The `ProxiedCluster` custom resource: one customer cluster reached
+//! through tether.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::rbac::v1::PolicyRule;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+pub const GROUP: &str = "tether.dev";
+pub const DEFAULT_TARGET: &str = tether::clusters::DEFAULT_TARGET;
+pub const DEFAULT_AGENT_NAMESPACE: &str = "tether-agent";
+
+/// A customer cluster that tether-agent connects from, and how the
+/// management side should reach and register it.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "tether.dev",
+    version = "v1alpha1",
+    kind = "ProxiedCluster",
+    plural = "proxiedclusters",
+    singular = "proxiedcluster",
+    shortname = "pcl",
+    category = "tether",
+    namespaced,
+    status = "ProxiedClusterStatus",
+    printcolumn = r#"{"name":"ID","type":"string","jsonPath":".status.clusterId"}"#,
+    printcolumn = r#"{"name":"CONNECTED","type":"boolean","jsonPath":".status.connection.connected"}"#,
+    printcolumn = r#"{"name":"AGENT","type":"string","jsonPath":".status.connection.agentVersion"}"#,
+    printcolumn = r#"{"name":"LAST SEEN","type":"date","jsonPath":".status.connection.lastSeen"}"#,
+    printcolumn = r#"{"name":"CERT EXPIRES","type":"date","jsonPath":".status.certificates.agentNotAfter"}"#,
+    printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","priority":1}"#,
+    printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxiedClusterSpec {
+    /// The id in tunnel URLs (`/tunnel/{id}`). Defaults to metadata.name.
+    /// Unique across all ProxiedClusters.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub cluster_id: Option<String>,
+
+    /// The only host:port the agent may dial in the customer cluster.
+    #[serde(default = "default_target")]
+    #[schemars(regex(pattern = r"^[^\s:/]+:[0-9]{1,5}$"))]
+    pub target_address: String,
+
+    /// The URL agents dial (wss://host:port). Defaults to the operator's
+    /// `--public-url`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^wss?://[^\s/]+(/.*)?$"))]
+    pub public_url: Option<String>,
+
+    #[serde(default)]
+    pub argocd: ArgoCdSpec,
+
+    #[serde(default)]
+    pub agent: AgentSpec,
+
+    #[serde(default)]
+    pub certificates: CertificatesSpec,
+
+    /// Changing this value (any string, e.g. a date) issues a new agent
+    /// token; the old one stops working once the server reloads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_rotation: Option<String>,
+}
+
+fn default_target() -> String {
+    DEFAULT_TARGET.to_owned()
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ArgoCdSpec {
+    /// Register the cluster with ArgoCD (a cluster Secret).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// ArgoCD's namespace. Defaults to the operator's `--argocd-namespace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// ArgoCD project the cluster is scoped to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<String>,
+    /// Extra labels on the cluster Secret (ApplicationSet cluster generators select on them).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Default for ArgoCdSpec {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            namespace: None,
+            project: None,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// Agent image. Defaults to the operator's `--agent-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Namespace the bundle installs into, in the customer cluster.
+    #[serde(default = "default_agent_namespace")]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
+    pub namespace: String,
+    /// 0 or 1: a cluster has one tunnel; a second agent would take it over
+    /// (the newest session wins), so more replicas only flap.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1))]
+    pub replicas: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// What the agent's ServiceAccount may do in the customer cluster, and so
+    /// what ArgoCD can do through tether. Default: everything (as ArgoCD's
+    /// own `argocd-manager`); narrow it to what you deploy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<PolicyRule>>,
+}
+
+fn default_agent_namespace() -> String {
+    DEFAULT_AGENT_NAMESPACE.to_owned()
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+impl Default for AgentSpec {
+    fn default() -> Self {
+        Self {
+            image: None,
+            namespace: default_agent_namespace(),
+            replicas: default_replicas(),
+            resources: None,
+            rules: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificatesSpec {
+    /// Lifetime of the agent's client certificate (Go-style duration, e.g.
+    /// `2160h`). Renewed at two thirds of it.
+    #[serde(default = "default_agent_duration")]
+    #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
+    pub agent_duration: String,
+    /// Bring your own agent certificate: a `kubernetes.io/tls` Secret in
+    /// this namespace (cert-manager's format: tls.crt, tls.key, ca.crt)
+    /// used instead of the operator's CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_secret_ref: Option<SecretRef>,
+}
+
+fn default_agent_duration() -> String {
+    "2160h".to_owned()
+}
+
+impl Default for CertificatesSpec {
+    fn default() -> Self {
+        Self {
+            agent_duration: default_agent_duration(),
+            agent_secret_ref: None,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct SecretRef {
+    pub name: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxiedClusterStatus {
+    /// The effective cluster id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Ready, TokenIssued, CertificatesIssued, ArgoCDRegistered, BundleReady, AgentConnected.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The `tokenRotation` value the current token was issued for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_rotation: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificates: Option<CertificatesStatus>,
+    /// Where the agent install bundle is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<BundleRef>,
+    /// The ArgoCD cluster Secret (namespace/name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argocd_secret: Option<String>,
+    /// Written by tether-server, never by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<ConnectionStatus>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertificatesStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_not_after: Option<Time>,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BundleRef {
+    /// Secret in this namespace holding the bundle under `bundle.yaml`.
+    pub secret_name: String,
+    /// SHA-256 of the bundle, as in its header.
+    pub sha256: String,
+}
+
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionStatus {
+    pub connected: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_address: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_replica: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<Time>,
+}
+
+impl ProxiedCluster {
+    /// The effective cluster id: spec.clusterId or metadata.name.
+    pub fn cluster_id(&self) -> String {
+        self.spec
+            .cluster_id
+            .clone()
+            .or_else(|| self.metadata.name.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// The CRD as YAML, exactly as `crds/` holds it.
+pub fn crd_yaml() -> Result<String, serde_yaml_ng::Error> {
+    use kube::CustomResourceExt;
+    serde_yaml_ng::to_string(&ProxiedCluster::crd())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_crd_matches_crds_directory() {
+        let generated = crd_yaml().expect("serializes");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../crds/proxiedclusters.tether.dev.yaml"
+        );
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(
+            committed == generated,
+            "crds/ is stale: run `make crds` (cargo run -p tether-operator --bin crdgen)"
+        );
+    }
+
+    #[test]
+    fn defaults_fill_an_empty_spec() {
+        let pc: ProxiedCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tether.dev/v1alpha1", "kind": "ProxiedCluster",
+            "metadata": {"name": "customer-a", "namespace": "tenants"},
+            "spec": {}
+        }))
+        .expect("parses");
+        assert_eq!(pc.cluster_id(), "customer-a");
+        assert_eq!(pc.spec.target_address, DEFAULT_TARGET);
+        assert!(pc.spec.argocd.enabled);
+        assert_eq!(pc.spec.agent.namespace, "tether-agent");
+        assert_eq!(pc.spec.agent.replicas, 1);
+        assert_eq!(pc.spec.certificates.agent_duration, "2160h");
+    }
+
+    #[test]
+    fn conditions_merge_by_type_under_server_side_apply() {
+        let crd =
+            serde_json::to_value(<ProxiedCluster as kube::CustomResourceExt>::crd()).expect("json");
+        let conditions = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+            ["properties"]["conditions"];
+        assert_eq!(conditions["x-kubernetes-list-type"], "map");
+        assert_eq!(conditions["x-kubernetes-list-map-keys"][0], "type");
+    }
+}

@@ -1,0 +1,695 @@
+//! A small stateful Kubernetes API server, in memory, on 127.0.0.1, so the
+//! real `Controller`, `finalizer()` and event `Recorder` run end to end in
+//! tests and benchmarks without a cluster.
+//!
+//! It serves any resource path (`/api/v1/...`, `/apis/{group}/{version}/...`)
+//! generically: GET, LIST with label selectors, streaming WATCH from a
+//! resourceVersion, POST, PUT with resourceVersion conflicts (409), PATCH
+//! (JSON, merge, strategic-as-merge, apply-as-merge), DELETE with
+//! finalizers (deletionTimestamp) and owner-reference cascade, and a status
+//! subresource for custom resources. It is not a validating server: it
+//! stores what it is sent.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// Where an object lives.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Key {
+    /// `/api/v1/secrets`, `/apis/tether.dev/v1alpha1/proxiedclusters`.
+    collection: String,
+    namespace: String,
+    name: String,
+}
+
+#[derive(Debug, Clone)]
+struct Change {
+    resource_version: u64,
+    kind: &'static str,
+    key: Key,
+    object: Value,
+}
+
+/// One request as received, for assertions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Call {
+    pub method: Method,
+    pub path: String,
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<Key, Value>,
+    resource_version: u64,
+    uid: u64,
+    log: Vec<Change>,
+    calls: Vec<Call>,
+    /// Status codes to answer the next writes to matching paths with
+    /// (fault injection): (path fragment, code).
+    fail_writes: Vec<(String, u16)>,
+}
+
+pub struct FakeApi {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    changes: broadcast::Sender<Change>,
+    stop: CancellationToken,
+}
+
+/// A parsed request path.
+#[derive(Debug)]
+struct Route {
+    collection: String,
+    namespace: Option<String>,
+    name: Option<String>,
+    status: bool,
+}
+
+fn parse_route(path: &str) -> Option<Route> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let (base, rest) = match segments.as_slice() {
+        ["api", version, rest @ ..] => (format!("/api/{version}"), rest),
+        ["apis", group, version, rest @ ..] => (format!("/apis/{group}/{version}"), rest),
+        _ => return None,
+    };
+    let (namespace, rest) = match rest {
+        ["namespaces", ns, plural, tail @ ..] => {
+            (Some((*ns).to_owned()), [&[*plural][..], tail].concat())
+        }
+        other => (None, other.to_vec()),
+    };
+    let (plural, name, sub) = match rest.as_slice() {
+        [plural] => (*plural, None, None),
+        [plural, name] => (*plural, Some((*name).to_owned()), None),
+        [plural, name, sub] => (*plural, Some((*name).to_owned()), Some(*sub)),
+        _ => return None,
+    };
+    Some(Route {
+        collection: format!("{base}/{plural}"),
+        namespace,
+        name,
+        status: sub == Some("status"),
+    })
+}
+
+fn query_param(query: &str, name: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| {
+            v.replace("%3D", "=")
+                .replace("%2C", ",")
+                .replace("%2F", "/")
+        })
+}
+
+/// Equality-based label selectors: `a=b,c==d,e!=f,g`.
+fn matches_labels(object: &Value, selector: &str) -> bool {
+    let labels = &object["metadata"]["labels"];
+    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+        if let Some((k, v)) = term.split_once("!=") {
+            labels[k].as_str() != Some(v)
+        } else if let Some((k, v)) = term.split_once('=') {
+            labels[k].as_str() == Some(v.trim_start_matches('='))
+        } else {
+            !labels[term].is_null()
+        }
+    })
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16()});
+    respond(code, &body)
+}
+
+fn respond(code: StatusCode, value: &Value) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+    *response.status_mut() = code;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// Custom resources here have a status subresource: writes to the main
+/// resource keep the old status, writes to /status change only status.
+fn has_status_subresource(collection: &str) -> bool {
+    collection.starts_with("/apis/tether.dev/")
+}
+
+impl State {
+    fn commit(
+        &mut self,
+        kind: &'static str,
+        key: Key,
+        mut object: Value,
+        changes: &broadcast::Sender<Change>,
+    ) -> Value {
+        self.resource_version += 1;
+        object["metadata"]["resourceVersion"] = json!(self.resource_version.to_string());
+        let change = Change {
+            resource_version: self.resource_version,
+            kind,
+            key: key.clone(),
+            object: object.clone(),
+        };
+        if kind == "DELETED" {
+            self.objects.remove(&key);
+        } else {
+            self.objects.insert(key, object.clone());
+        }
+        self.log.push(change.clone());
+        let _ = changes.send(change);
+        object
+    }
+
+    /// Deletes, or marks for deletion while finalizers remain; cascades to
+    /// objects owned by the deleted one (as the garbage collector would).
+    fn delete(&mut self, key: Key, changes: &broadcast::Sender<Change>) -> Option<Value> {
+        let mut object = self.objects.get(&key)?.clone();
+        let finalizers = object["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
+        if finalizers {
+            if object["metadata"]["deletionTimestamp"].is_null() {
+                object["metadata"]["deletionTimestamp"] = json!(now());
+                return Some(self.commit("MODIFIED", key, object, changes));
+            }
+            return Some(object);
+        }
+        let uid = object["metadata"]["uid"].clone();
+        let deleted = self.commit("DELETED", key, object, changes);
+        let owned: Vec<Key> = self
+            .objects
+            .iter()
+            .filter(|(_, o)| {
+                o["metadata"]["ownerReferences"]
+                    .as_array()
+                    .is_some_and(|refs| refs.iter().any(|r| r["uid"] == uid))
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        for child in owned {
+            self.delete(child, changes);
+        }
+        Some(deleted)
+    }
+}
+
+impl FakeApi {
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let (changes, _) = broadcast::channel(65536);
+        let stop = CancellationToken::new();
+        let api = Self {
+            addr,
+            state,
+            changes,
+            stop,
+        };
+        let (state, changes, stop) = (api.state.clone(), api.changes.clone(), api.stop.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, _) = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(_) => continue,
+                    },
+                };
+                let (state, changes, stop) = (state.clone(), changes.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        let (state, changes, stop) = (state.clone(), changes.clone(), stop.clone());
+                        async move {
+                            Ok::<_, Infallible>(handle(&state, &changes, &stop, request).await)
+                        }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Ok(api)
+    }
+
+    /// A kube client for this server.
+    pub fn client(&self) -> kube::Client {
+        let uri: http::Uri = format!("http://{}", self.addr).parse().unwrap_or_default();
+        let config = kube::Config::new(uri);
+        kube::Client::try_from(config)
+            .unwrap_or_else(|err| panic!("client for the fake API: {err}"))
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Every request so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.state().calls.clone()
+    }
+
+    /// Requests that changed something (not GET), excluding Events and Leases.
+    pub fn writes(&self) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| {
+                c.method != Method::GET
+                    && !c.path.contains("/events")
+                    && !c.path.contains("/leases")
+            })
+            .collect()
+    }
+
+    pub fn clear_calls(&self) {
+        self.state().calls.clear();
+    }
+
+    /// The next writes to paths containing `fragment` answer with these
+    /// status codes, in order.
+    pub fn fail_next_writes(&self, fragment: &str, codes: &[u16]) {
+        let mut state = self.state();
+        state
+            .fail_writes
+            .extend(codes.iter().map(|code| (fragment.to_owned(), *code)));
+    }
+
+    /// An object by API path (`/api/v1/namespaces/ns/secrets/name`).
+    pub fn get(&self, path: &str) -> Option<Value> {
+        let route = parse_route(path)?;
+        let key = Key {
+            collection: route.collection,
+            namespace: route.namespace.unwrap_or_default(),
+            name: route.name?,
+        };
+        self.state().objects.get(&key).cloned()
+    }
+
+    /// Objects of a collection (`/api/v1/secrets`), optionally in a namespace.
+    pub fn list(&self, collection: &str, namespace: Option<&str>) -> Vec<Value> {
+        self.state()
+            .objects
+            .iter()
+            .filter(|(k, _)| {
+                k.collection == collection && namespace.is_none_or(|ns| k.namespace == ns)
+            })
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+impl Drop for FakeApi {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn handle(
+    state: &Mutex<State>,
+    changes: &broadcast::Sender<Change>,
+    stop: &CancellationToken,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let body = match request.into_body().collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(_) => return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body"),
+    };
+    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    lock().calls.push(Call {
+        method: method.clone(),
+        path: path.clone(),
+    });
+    let Some(route) = parse_route(&path) else {
+        return status(StatusCode::NOT_FOUND, "NotFound", "no such path");
+    };
+    if method != Method::GET {
+        let injected = {
+            let mut st = lock();
+            let position = st
+                .fail_writes
+                .iter()
+                .position(|(fragment, _)| path.contains(fragment.as_str()));
+            position.map(|i| st.fail_writes.remove(i).1)
+        };
+        if let Some(code) = injected {
+            let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            return status(code, "Injected", "fault injected by the test");
+        }
+    }
+    let namespace = route.namespace.clone().unwrap_or_default();
+    match (method.clone(), &route.name) {
+        (Method::GET, None)
+            if query_param(&query, "watch").is_some_and(|w| w == "true" || w == "1") =>
+        {
+            watch(state, changes, stop, &route, &query)
+        }
+        (Method::GET, None) => {
+            let selector = query_param(&query, "labelSelector").unwrap_or_default();
+            let st = lock();
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|(k, o)| {
+                    k.collection == route.collection
+                        && route.namespace.as_ref().is_none_or(|ns| &k.namespace == ns)
+                        && matches_labels(o, &selector)
+                })
+                .map(|(_, o)| o.clone())
+                .collect();
+            respond(
+                StatusCode::OK,
+                &json!({"kind": "List", "apiVersion": "v1",
+                "metadata": {"resourceVersion": st.resource_version.to_string()}, "items": items}),
+            )
+        }
+        (Method::GET, Some(name)) => {
+            let key = Key {
+                collection: route.collection.clone(),
+                namespace,
+                name: name.clone(),
+            };
+            match lock().objects.get(&key) {
+                Some(object) => respond(StatusCode::OK, object),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{name} not found"),
+                ),
+            }
+        }
+        (Method::POST, None) => {
+            let Ok(mut object) = serde_json::from_slice::<Value>(&body) else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+            };
+            let Some(name) = object["metadata"]["name"].as_str().map(str::to_owned) else {
+                return status(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Invalid",
+                    "metadata.name is required",
+                );
+            };
+            let key = Key {
+                collection: route.collection.clone(),
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            let mut st = lock();
+            if st.objects.contains_key(&key) {
+                return status(
+                    StatusCode::CONFLICT,
+                    "AlreadyExists",
+                    &format!("{name} already exists"),
+                );
+            }
+            st.uid += 1;
+            let metadata = &mut object["metadata"];
+            metadata["uid"] = json!(format!("00000000-0000-0000-0000-{:012}", st.uid));
+            metadata["creationTimestamp"] = json!(now());
+            metadata["generation"] = json!(1);
+            if route.namespace.is_some() {
+                metadata["namespace"] = json!(namespace);
+            }
+            let created = st.commit("ADDED", key, object, changes);
+            respond(StatusCode::CREATED, &created)
+        }
+        (Method::PUT | Method::PATCH, Some(name)) => {
+            let key = Key {
+                collection: route.collection.clone(),
+                namespace,
+                name: name.clone(),
+            };
+            let mut st = lock();
+            let Some(current) = st.objects.get(&key).cloned() else {
+                return status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{name} not found"),
+                );
+            };
+            let Ok(sent) = serde_json::from_slice::<Value>(&body) else {
+                return status(StatusCode::BAD_REQUEST, "BadRequest", "body is not JSON");
+            };
+            let mut updated = current.clone();
+            if method == Method::PUT {
+                updated = sent.clone();
+            } else if content_type.starts_with("application/json-patch+json") {
+                let Ok(mut patch) = serde_json::from_value::<json_patch::Patch>(sent.clone())
+                else {
+                    return status(
+                        StatusCode::BAD_REQUEST,
+                        "BadRequest",
+                        "malformed JSON patch",
+                    );
+                };
+                // As Kubernetes' JSON patch does, a missing path tests equal
+                // to null (kube's finalizer relies on it).
+                patch.0.retain(|op| match op {
+                    json_patch::PatchOperation::Test(test) => {
+                        !(test.value.is_null() && updated.pointer(test.path.as_str()).is_none())
+                    }
+                    _ => true,
+                });
+                if let Err(err) = json_patch::patch(&mut updated, &patch) {
+                    return status(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Invalid",
+                        &err.to_string(),
+                    );
+                }
+            } else {
+                json_patch::merge(&mut updated, &sent);
+            }
+            let sent_version = sent["metadata"]["resourceVersion"].as_str();
+            if sent_version
+                .is_some_and(|v| Some(v) != current["metadata"]["resourceVersion"].as_str())
+            {
+                return status(
+                    StatusCode::CONFLICT,
+                    "Conflict",
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                );
+            }
+            // The server owns identity and bookkeeping fields.
+            for field in [
+                "uid",
+                "creationTimestamp",
+                "deletionTimestamp",
+                "namespace",
+                "name",
+            ] {
+                let kept = current["metadata"].get(field).cloned();
+                if let Some(metadata) = updated["metadata"].as_object_mut() {
+                    match kept {
+                        Some(value) => metadata.insert(field.to_owned(), value),
+                        None => metadata.remove(field),
+                    };
+                }
+            }
+            if has_status_subresource(&route.collection) {
+                if route.status {
+                    let new_status = updated["status"].clone();
+                    updated = current.clone();
+                    updated["status"] = new_status;
+                } else {
+                    updated["status"] = current["status"].clone();
+                }
+            }
+            let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+            let spec_changed = updated["spec"] != current["spec"];
+            updated["metadata"]["generation"] = json!(generation + i64::from(spec_changed));
+            if updated == current {
+                return respond(StatusCode::OK, &current);
+            }
+            let deleting = !updated["metadata"]["deletionTimestamp"].is_null();
+            let unfinalized = updated["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(|f| f.is_empty());
+            let committed = st.commit("MODIFIED", key.clone(), updated, changes);
+            if deleting && unfinalized {
+                st.delete(key, changes);
+            }
+            respond(StatusCode::OK, &committed)
+        }
+        (Method::DELETE, Some(name)) => {
+            let key = Key {
+                collection: route.collection.clone(),
+                namespace,
+                name: name.clone(),
+            };
+            match lock().delete(key, changes) {
+                Some(object) => respond(StatusCode::OK, &object),
+                None => status(
+                    StatusCode::NOT_FOUND,
+                    "NotFound",
+                    &format!("{name} not found"),
+                ),
+            }
+        }
+        _ => status(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "not supported by the fake API",
+        ),
+    }
+}
+
+/// A streaming watch: past changes after `resourceVersion`, then live ones,
+/// as newline-delimited JSON events, until `timeoutSeconds`.
+fn watch(
+    state: &Mutex<State>,
+    changes: &broadcast::Sender<Change>,
+    stop: &CancellationToken,
+    route: &Route,
+    query: &str,
+) -> Response<Body> {
+    let since: u64 = query_param(query, "resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let selector = query_param(query, "labelSelector").unwrap_or_default();
+    let timeout = query_param(query, "timeoutSeconds")
+        .and_then(|v| v.parse().ok())
+        .map_or(Duration::from_secs(290), Duration::from_secs);
+    // Subscribe before reading the backlog so nothing falls in between.
+    let mut live = changes.subscribe();
+    let backlog: Vec<Change> = state
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .log
+        .iter()
+        .filter(|c| c.resource_version > since)
+        .cloned()
+        .collect();
+    let collection = route.collection.clone();
+    let namespace = route.namespace.clone();
+    let relevant = move |c: &Change| {
+        c.key.collection == collection
+            && namespace.as_ref().is_none_or(|ns| &c.key.namespace == ns)
+            && matches_labels(&c.object, &selector)
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let encode = |c: &Change| {
+            Frame::data(Bytes::from(format!(
+                "{}\n",
+                json!({"type": c.kind, "object": c.object})
+            )))
+        };
+        let mut last = since;
+        for change in backlog.iter().filter(|c| relevant(c)) {
+            last = change.resource_version;
+            if tx.send(Ok(encode(change))).await.is_err() {
+                return;
+            }
+        }
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            let change = tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = &mut deadline => return,
+                change = live.recv() => match change {
+                    Ok(change) => change,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+            };
+            if change.resource_version <= last || !relevant(&change) {
+                continue;
+            }
+            last = change.resource_version;
+            if tx.send(Ok(encode(&change))).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes() {
+        let r = parse_route("/api/v1/namespaces/ns/secrets/s").expect("route");
+        assert_eq!(
+            (
+                r.collection.as_str(),
+                r.namespace.as_deref(),
+                r.name.as_deref()
+            ),
+            ("/api/v1/secrets", Some("ns"), Some("s"))
+        );
+        let r = parse_route("/apis/tether.dev/v1alpha1/proxiedclusters").expect("route");
+        assert_eq!(
+            (r.collection.as_str(), r.namespace, r.name),
+            ("/apis/tether.dev/v1alpha1/proxiedclusters", None, None)
+        );
+        let r = parse_route("/apis/tether.dev/v1alpha1/namespaces/a/proxiedclusters/b/status")
+            .expect("route");
+        assert!(r.status);
+        let r = parse_route("/api/v1/namespaces/default").expect("route");
+        assert_eq!(
+            (r.collection.as_str(), r.name.as_deref()),
+            ("/api/v1/namespaces", Some("default"))
+        );
+    }
+
+    #[test]
+    fn label_selectors() {
+        let object = json!({"metadata": {"labels": {"a": "1", "b": "2"}}});
+        assert!(matches_labels(&object, "a=1"));
+        assert!(matches_labels(&object, "a==1,b=2"));
+        assert!(matches_labels(&object, "a"));
+        assert!(!matches_labels(&object, "a=2"));
+        assert!(!matches_labels(&object, "c"));
+        assert!(matches_labels(&object, "c!=x"));
+    }
+}

@@ -1,0 +1,97 @@
+//! tether-operator: reconciles `ProxiedCluster` resources into agent
+//! tokens, certificates, ArgoCD cluster Secrets, the server's clusters
+//! configuration and agent install bundles.
+
+pub mod argocd;
+pub mod bundle;
+pub mod crd;
+pub mod fake_api;
+pub mod leader;
+pub mod objects;
+pub mod pki;
+pub mod reconcile;
+pub mod settings;
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crd::ProxiedCluster;
+use reconcile::Context;
+use settings::Settings;
+
+/// Runs the controller until `stop` (or until leadership is lost, which is
+/// an error: the process exits and its replacement campaigns again).
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let identity = settings
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("tether-operator-{}", std::process::id()));
+    let elector = settings.leader_election.then(|| {
+        leader::LeaderElector::new(
+            Api::<Lease>::namespaced(client.clone(), &settings.namespace),
+            &settings.lease_name,
+            &identity,
+            settings.lease_duration,
+        )
+    });
+    if let Some(elector) = &elector {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = elector.acquire() => {}
+        }
+    }
+    let pki = pki::ensure_global(&client, &settings).await?;
+    let proxied = Api::<ProxiedCluster>::all(client.clone());
+    let owned = Api::<Secret>::all(client.clone());
+    let controller = Controller::new(proxied, watcher::Config::default()).owns(
+        owned,
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=tether-operator"),
+    );
+    let reporter = Reporter {
+        controller: "tether-operator".into(),
+        instance: Some(identity),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let ctx = Arc::new(Context::new(
+        client,
+        settings,
+        pki,
+        recorder,
+        controller.store(),
+    ));
+    tokio::spawn(reconcile::refresh_pki(ctx.clone(), stop.clone()));
+    let graceful = stop.clone();
+    let controller = controller
+        .graceful_shutdown_on(async move { graceful.cancelled().await })
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((object, _)) => {
+                    info!(object = %object.name, namespace = ?object.namespace, "reconciled")
+                }
+                Err(err) => warn!(error = %err, "reconcile error"),
+            }
+        });
+    match &elector {
+        Some(elector) => tokio::select! {
+            _ = controller => Ok(()),
+            lost = elector.hold() => Err(lost.into()),
+        },
+        None => {
+            controller.await;
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,765 @@
+//! The ProxiedCluster reconciler: token, agent certificate, the server's
+//! clusters configuration, ArgoCD registration, the agent bundle, status.
+//! Idempotent: with nothing to change it reads and writes nothing new.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder};
+use kube::runtime::finalizer::{Event, finalizer};
+use kube::runtime::reflector::Store;
+use kube::{Api, Client, Resource, ResourceExt};
+use rand::RngCore;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tether::pki::{CertInfo, LeafRequest};
+use tracing::{info, warn};
+
+use crate::argocd::{self, ClusterRegistration};
+use crate::bundle::{self, BundleInput};
+use crate::crd::{BundleRef, CertificatesStatus, ProxiedCluster, ProxiedClusterStatus};
+use crate::objects::{Applied, delete_secret, ensure_secret, secret_text};
+use crate::pki::{GlobalPki, GlobalPkiError, LeafSecret, ensure_leaf, issued_from};
+use crate::settings::{Settings, url_host};
+
+pub const FINALIZER: &str = "tether.dev/cleanup";
+const ROTATION_ANNOTATION: &str = "tether.dev/token-rotation";
+pub const CLUSTERS_KEY: &str = "clusters.json";
+pub const BUNDLE_KEY: &str = "bundle.yaml";
+/// Longest time between two reconciles of a healthy object.
+const RESYNC: Duration = Duration::from_secs(3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Pki(#[from] GlobalPkiError),
+    #[error("bundle: {0}")]
+    Bundle(#[from] bundle::BundleError),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("object has no {0}")]
+    MissingObjectKey(&'static str),
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pki: RwLock<Arc<GlobalPki>>,
+    pub recorder: Recorder,
+    /// All ProxiedClusters, to find duplicate cluster ids.
+    pub store: Store<ProxiedCluster>,
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        settings: Settings,
+        pki: GlobalPki,
+        recorder: Recorder,
+        store: Store<ProxiedCluster>,
+    ) -> Self {
+        Self {
+            client,
+            settings,
+            pki: RwLock::new(Arc::new(pki)),
+            recorder,
+            store,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn pki(&self) -> Arc<GlobalPki> {
+        self.pki.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_pki(&self, pki: GlobalPki) {
+        *self.pki.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(pki);
+    }
+
+    async fn publish(&self, pc: &ProxiedCluster, type_: EventType, reason: &str, note: String) {
+        let event = KubeEvent {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(err) = self.recorder.publish(&event, &pc.object_ref(&())).await {
+            warn!(error = %err, reason, "cannot record event");
+        }
+    }
+}
+
+pub async fn reconcile(pc: Arc<ProxiedCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = pc.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
+    let api: Api<ProxiedCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let key = format!("{namespace}/{}", pc.name_any());
+    let result = finalizer(&api, FINALIZER, pc, |event| async {
+        match event {
+            Event::Apply(pc) => apply(&pc, &ctx).await,
+            Event::Cleanup(pc) => cleanup(&pc, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|err| Error::Finalizer(Box::new(err)));
+    if result.is_ok() {
+        ctx.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
+    }
+    result
+}
+
+/// Failed reconciles retry with exponential backoff per object: 5 s, 10 s,
+/// ... up to 5 minutes.
+pub fn error_policy(pc: Arc<ProxiedCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("{}/{}", pc.namespace().unwrap_or_default(), pc.name_any());
+    let mut failures = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+    let count = failures.entry(key.clone()).or_insert(0);
+    *count += 1;
+    let delay = retry_delay(*count);
+    warn!(object = %key, error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The wait before retry number `failures` (1-based) of one object.
+pub fn retry_delay(failures: u32) -> Duration {
+    Duration::from_secs(5)
+        .saturating_mul(1 << failures.saturating_sub(1).min(6))
+        .min(Duration::from_secs(300))
+}
+
+/// Names of the objects a ProxiedCluster owns in its namespace.
+pub fn token_secret_name(pc: &ProxiedCluster) -> String {
+    format!("{}-tether-token", pc.name_any())
+}
+
+pub fn agent_tls_secret_name(pc: &ProxiedCluster) -> String {
+    format!("{}-tether-agent-tls", pc.name_any())
+}
+
+pub fn bundle_secret_name(pc: &ProxiedCluster) -> String {
+    format!("{}-tether-bundle", pc.name_any())
+}
+
+fn owned_meta(
+    pc: &ProxiedCluster,
+    name: &str,
+    annotations: BTreeMap<String, String>,
+) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: pc.namespace(),
+        labels: Some(BTreeMap::from([
+            (
+                "app.kubernetes.io/managed-by".to_owned(),
+                "tether-operator".to_owned(),
+            ),
+            ("tether.dev/cluster".to_owned(), pc.name_any()),
+        ])),
+        annotations: (!annotations.is_empty()).then_some(annotations),
+        owner_references: pc.controller_owner_ref(&()).map(|o| vec![o]),
+        ..Default::default()
+    }
+}
+
+/// Spec problems the schema cannot catch. `Err` carries a message for the
+/// Ready condition.
+fn validate(pc: &ProxiedCluster, ctx: &Context) -> Result<Duration, String> {
+    let id = pc.cluster_id();
+    if !tether::clusters::is_dns_label(&id) {
+        return Err(format!(
+            "cluster id {id:?} is not a DNS label; set spec.clusterId"
+        ));
+    }
+    let lifetime = humantime::parse_duration(&pc.spec.certificates.agent_duration)
+        .map_err(|err| format!("spec.certificates.agentDuration: {err}"))?;
+    if lifetime < Duration::from_secs(3600) {
+        return Err("spec.certificates.agentDuration must be at least 1h".into());
+    }
+    let url = public_url(pc, &ctx.settings)
+        .ok_or("no public URL: set spec.publicUrl or the operator's --public-url")?;
+    if !(url.starts_with("wss://") || url.starts_with("ws://")) || url_host(&url).is_none() {
+        return Err(format!("public URL {url:?} is not ws(s)://host[:port]"));
+    }
+    if let Some(other) = ctx.store.state().iter().find(|other| {
+        other.cluster_id() == id
+            && other.uid() != pc.uid()
+            && (
+                other.creation_timestamp(),
+                other.namespace(),
+                other.name_any(),
+            ) < (pc.creation_timestamp(), pc.namespace(), pc.name_any())
+    }) {
+        return Err(format!(
+            "cluster id {id:?} is already used by {}/{}",
+            other.namespace().unwrap_or_default(),
+            other.name_any()
+        ));
+    }
+    Ok(lifetime)
+}
+
+fn public_url(pc: &ProxiedCluster, settings: &Settings) -> Option<String> {
+    pc.spec
+        .public_url
+        .clone()
+        .or_else(|| settings.public_url.clone())
+}
+
+fn new_token() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn argocd_namespace<'a>(pc: &'a ProxiedCluster, settings: &'a Settings) -> &'a str {
+    pc.spec
+        .argocd
+        .namespace
+        .as_deref()
+        .unwrap_or(&settings.argocd_namespace)
+}
+
+/// The conditions this reconcile decided, in a stable order.
+struct Conditions {
+    previous: Vec<Condition>,
+    generation: Option<i64>,
+    now: Timestamp,
+    list: Vec<Condition>,
+}
+
+impl Conditions {
+    fn new(pc: &ProxiedCluster) -> Self {
+        Self {
+            previous: pc
+                .status
+                .as_ref()
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default(),
+            generation: pc.metadata.generation,
+            now: Timestamp::now(),
+            list: Vec::new(),
+        }
+    }
+
+    fn set(&mut self, type_: &str, ok: bool, reason: &str, message: impl Into<String>) {
+        let status = if ok { "True" } else { "False" };
+        // The transition time moves only when the status does.
+        let since = self
+            .previous
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or(Time(self.now));
+        self.list.push(Condition {
+            type_: type_.to_owned(),
+            status: status.to_owned(),
+            reason: reason.to_owned(),
+            message: message.into(),
+            observed_generation: self.generation,
+            last_transition_time: since,
+        });
+    }
+
+    /// AgentConnected mirrors what tether-server reported in status.connection.
+    fn set_connected(&mut self, pc: &ProxiedCluster) {
+        match pc.status.as_ref().and_then(|s| s.connection.as_ref()) {
+            Some(c) if c.connected => self.set(
+                "AgentConnected",
+                true,
+                "Connected",
+                "the agent's tunnel is up",
+            ),
+            Some(_) => self.set(
+                "AgentConnected",
+                false,
+                "Disconnected",
+                "the agent is not connected",
+            ),
+            None => self.set(
+                "AgentConnected",
+                false,
+                "NeverConnected",
+                "no agent has connected yet",
+            ),
+        }
+    }
+}
+
+/// Writes the operator's part of the status (never `connection`, which is
+/// tether-server's) when it differs from what is there.
+async fn write_status(
+    pc: &ProxiedCluster,
+    ctx: &Context,
+    desired: ProxiedClusterStatus,
+) -> Result<(), Error> {
+    let current = pc.status.clone().unwrap_or_default();
+    let comparable = ProxiedClusterStatus {
+        connection: current.connection.clone(),
+        ..desired.clone()
+    };
+    if comparable == current {
+        return Ok(());
+    }
+    let api: Api<ProxiedCluster> =
+        Api::namespaced(ctx.client.clone(), &pc.namespace().unwrap_or_default());
+    // Explicit nulls clear fields that no longer apply (merge patch).
+    let patch = json!({
+        "status": {
+            "clusterId": desired.cluster_id,
+            "observedGeneration": desired.observed_generation,
+            "conditions": desired.conditions,
+            "tokenRotation": desired.token_rotation,
+            "certificates": desired.certificates,
+            "bundle": desired.bundle,
+            "argocdSecret": desired.argocd_secret,
+        }
+    });
+    api.patch_status(
+        &pc.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
+    let namespace = pc.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
+    let id = pc.cluster_id();
+    let mut conditions = Conditions::new(pc);
+    let lifetime = match validate(pc, ctx) {
+        Ok(lifetime) => lifetime,
+        Err(problem) => {
+            let was_invalid = conditions
+                .previous
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == "InvalidSpec" && c.message == problem);
+            conditions.set("Ready", false, "InvalidSpec", problem.clone());
+            conditions.set_connected(pc);
+            let status = ProxiedClusterStatus {
+                cluster_id: Some(id),
+                observed_generation: pc.metadata.generation,
+                conditions: conditions.list,
+                ..Default::default()
+            };
+            write_status(pc, ctx, status).await?;
+            if !was_invalid {
+                ctx.publish(pc, EventType::Warning, "InvalidSpec", problem)
+                    .await;
+            }
+            return Ok(Action::await_change());
+        }
+    };
+    let settings = &ctx.settings;
+    let pki = ctx.pki();
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+
+    // The agent token: issued once, replaced only when the rotation
+    // trigger changes. The server side only ever sees its SHA-256.
+    let token_name = token_secret_name(pc);
+    let trigger = pc.spec.token_rotation.clone().unwrap_or_default();
+    let current = secrets.get_opt(&token_name).await?;
+    let token = current
+        .as_ref()
+        .filter(|s| s.annotations().get(ROTATION_ANNOTATION) == Some(&trigger))
+        .and_then(|s| secret_text(s, "token"))
+        .unwrap_or_else(new_token);
+    let token_sha256 = hex::encode(Sha256::digest(token.as_bytes()));
+    let desired = Secret {
+        metadata: owned_meta(
+            pc,
+            &token_name,
+            BTreeMap::from([(ROTATION_ANNOTATION.to_owned(), trigger.clone())]),
+        ),
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            "token".to_owned(),
+            ByteString(token.clone().into_bytes()),
+        )])),
+        ..Default::default()
+    };
+    match ensure_secret(&secrets, current, desired).await? {
+        Applied::Created => {
+            ctx.publish(
+                pc,
+                EventType::Normal,
+                "TokenIssued",
+                format!("issued the agent token in Secret {token_name}"),
+            )
+            .await
+        }
+        Applied::Updated => {
+            ctx.publish(
+                pc,
+                EventType::Normal,
+                "TokenRotated",
+                format!("rotated the agent token (tokenRotation={trigger:?})"),
+            )
+            .await
+        }
+        Applied::Unchanged => {}
+    }
+    conditions.set(
+        "TokenIssued",
+        true,
+        "Issued",
+        format!("agent token in Secret {token_name}"),
+    );
+
+    // The agent's client certificate: from the operator CA, or brought.
+    let agent = match &pc.spec.certificates.agent_secret_ref {
+        Some(reference) => match secrets
+            .get_opt(&reference.name)
+            .await?
+            .as_ref()
+            .and_then(issued_from)
+        {
+            Some((issued, info, _)) => Some((issued, info)),
+            None => {
+                conditions.set(
+                    "CertificatesIssued",
+                    false,
+                    "SecretInvalid",
+                    format!(
+                        "Secret {} is missing or lacks a PEM tls.crt and tls.key",
+                        reference.name
+                    ),
+                );
+                None
+            }
+        },
+        None => {
+            let request = LeafRequest::agent(&id, lifetime);
+            let name = agent_tls_secret_name(pc);
+            let leaf = LeafSecret {
+                api: &secrets,
+                name: &name,
+                namespace: &namespace,
+                request: &request,
+                owner: pc.controller_owner_ref(&()),
+            };
+            let (issued, info, applied) = ensure_leaf(leaf, &pki.ca).await?;
+            if applied.changed() {
+                ctx.publish(
+                    pc,
+                    EventType::Normal,
+                    "CertificateIssued",
+                    format!("issued the agent certificate for {id} in Secret {name}"),
+                )
+                .await;
+            }
+            Some((issued, info))
+        }
+    };
+    if agent.is_some() {
+        conditions.set(
+            "CertificatesIssued",
+            true,
+            "Issued",
+            "agent client certificate is valid",
+        );
+    }
+
+    // tether-server learns the cluster from the clusters Secret.
+    upsert_server_entry(ctx, &id, Some((&token_sha256, &pc.spec.target_address))).await?;
+
+    // ArgoCD registration (a Secret in ArgoCD's namespace: no owner
+    // reference across namespaces, so the finalizer removes it).
+    let argocd_ns = argocd_namespace(pc, settings).to_owned();
+    let argocd_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &argocd_ns);
+    let argocd_name = argocd::secret_name(&id);
+    let argocd_secret = if pc.spec.argocd.enabled {
+        let server = settings.tunnel_url(&id);
+        let owner_name = pc.name_any();
+        let registration = ClusterRegistration {
+            secret_name: &argocd_name,
+            namespace: &argocd_ns,
+            display_name: &id,
+            server: &server,
+            project: pc.spec.argocd.project.as_deref(),
+            extra_labels: &pc.spec.argocd.labels,
+            annotations: &pc.spec.argocd.annotations,
+            owner: (&namespace, &owner_name),
+            tls: settings.tls.then_some(&pki.argocd),
+        };
+        let current = argocd_api.get_opt(&argocd_name).await?;
+        if ensure_secret(&argocd_api, current, argocd::cluster_secret(&registration))
+            .await?
+            .changed()
+        {
+            ctx.publish(
+                pc,
+                EventType::Normal,
+                "ArgoCDRegistered",
+                format!("registered with ArgoCD as Secret {argocd_ns}/{argocd_name}"),
+            )
+            .await;
+        }
+        conditions.set(
+            "ArgoCDRegistered",
+            true,
+            "Registered",
+            format!("Secret {argocd_ns}/{argocd_name}"),
+        );
+        Some(format!("{argocd_ns}/{argocd_name}"))
+    } else {
+        delete_secret(&argocd_api, &argocd_name).await?;
+        conditions.set(
+            "ArgoCDRegistered",
+            false,
+            "Disabled",
+            "spec.argocd.enabled is false",
+        );
+        None
+    };
+
+    // The agent bundle, stored for export.
+    let mut bundle_ref = None;
+    if let Some((issued, _)) = &agent {
+        let input = BundleInput {
+            cluster_id: id.clone(),
+            namespace: pc.spec.agent.namespace.clone(),
+            image: pc
+                .spec
+                .agent
+                .image
+                .clone()
+                .unwrap_or_else(|| settings.agent_image.clone()),
+            replicas: pc.spec.agent.replicas,
+            resources: pc.spec.agent.resources.clone(),
+            rules: pc.spec.agent.rules.clone(),
+            server_url: public_url(pc, settings).unwrap_or_default(),
+            target: pc.spec.target_address.clone(),
+            token: token.clone(),
+            client_cert_pem: issued.cert_pem.clone(),
+            client_key_pem: issued.key_pem.clone(),
+            server_ca_pem: pki.server_ca_pem.clone(),
+        };
+        let rendered = bundle::render(&input)?;
+        let name = bundle_secret_name(pc);
+        let current = secrets.get_opt(&name).await?;
+        let desired = Secret {
+            metadata: owned_meta(
+                pc,
+                &name,
+                BTreeMap::from([(
+                    "tether.dev/bundle-sha256".to_owned(),
+                    rendered.sha256.clone(),
+                )]),
+            ),
+            type_: Some("Opaque".into()),
+            data: Some(BTreeMap::from([(
+                BUNDLE_KEY.to_owned(),
+                ByteString(rendered.yaml.into_bytes()),
+            )])),
+            ..Default::default()
+        };
+        if ensure_secret(&secrets, current, desired).await?.changed() {
+            ctx.publish(
+                pc,
+                EventType::Normal,
+                "BundleRendered",
+                format!("agent bundle in Secret {name} (sha256 {})", rendered.sha256),
+            )
+            .await;
+        }
+        conditions.set(
+            "BundleReady",
+            true,
+            "Rendered",
+            format!("kubectl tether bundle export {}", pc.name_any()),
+        );
+        bundle_ref = Some(BundleRef {
+            secret_name: name,
+            sha256: rendered.sha256,
+        });
+    } else {
+        conditions.set(
+            "BundleReady",
+            false,
+            "NoCertificate",
+            "the bundle needs the agent certificate",
+        );
+    }
+
+    let ready = agent.is_some();
+    conditions.set(
+        "Ready",
+        ready,
+        if ready {
+            "Reconciled"
+        } else {
+            "CertificateMissing"
+        },
+        if ready {
+            "token, certificates, server configuration and bundle are in place"
+        } else {
+            "see CertificatesIssued"
+        },
+    );
+    conditions.set_connected(pc);
+    let status = ProxiedClusterStatus {
+        cluster_id: Some(id),
+        observed_generation: pc.metadata.generation,
+        conditions: conditions.list,
+        token_rotation: Some(trigger),
+        certificates: agent.as_ref().map(|(_, info)| CertificatesStatus {
+            agent_not_after: Timestamp::try_from(info.not_after).ok().map(Time),
+        }),
+        bundle: bundle_ref,
+        argocd_secret,
+        connection: None,
+    };
+    write_status(pc, ctx, status).await?;
+
+    let renew_in = agent
+        .as_ref()
+        .map(|(_, info)| renew_delay(info))
+        .unwrap_or(Duration::from_secs(30));
+    Ok(Action::requeue(renew_in.min(RESYNC)))
+}
+
+fn renew_delay(info: &CertInfo) -> Duration {
+    info.renew_at()
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .max(Duration::from_secs(1))
+}
+
+async fn cleanup(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
+    let id = pc.cluster_id();
+    let argocd_ns = argocd_namespace(pc, &ctx.settings).to_owned();
+    let argocd_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &argocd_ns);
+    let name = argocd::secret_name(&id);
+    // Only delete the ArgoCD Secret this object created.
+    if let Some(secret) = argocd_api.get_opt(&name).await? {
+        let labels = secret.labels();
+        if labels.get(argocd::OWNER_NAMESPACE_LABEL) == pc.namespace().as_ref()
+            && labels.get(argocd::OWNER_NAME_LABEL) == Some(&pc.name_any())
+        {
+            delete_secret(&argocd_api, &name).await?;
+        }
+    }
+    upsert_server_entry(ctx, &id, None).await?;
+    ctx.publish(
+        pc,
+        EventType::Normal,
+        "Deleted",
+        format!("removed cluster {id} from tether-server and ArgoCD"),
+    )
+    .await;
+    info!(cluster = %id, "cleaned up");
+    Ok(Action::await_change())
+}
+
+/// Conflicts on the shared clusters Secret retried at once before the
+/// reconcile fails over to the error backoff.
+const CONFLICT_RETRIES: usize = 16;
+
+/// Adds, updates (`Some`) or removes (`None`) one cluster in the clusters
+/// Secret tether-server loads: `[{"id","tokenSha256","targetAddr"}]`,
+/// sorted by id. Written with the resourceVersion read, so concurrent
+/// reconciles cannot lose each other's entries: a conflict re-reads and
+/// tries again.
+async fn upsert_server_entry(
+    ctx: &Context,
+    id: &str,
+    entry: Option<(&str, &str)>,
+) -> Result<(), Error> {
+    let mut attempt = 0;
+    loop {
+        match try_upsert_server_entry(ctx, id, entry).await {
+            Err(Error::Kube(kube::Error::Api(status)))
+                if status.code == 409 && attempt < CONFLICT_RETRIES =>
+            {
+                attempt += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn try_upsert_server_entry(
+    ctx: &Context,
+    id: &str,
+    entry: Option<(&str, &str)>,
+) -> Result<(), Error> {
+    let settings = &ctx.settings;
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &settings.namespace);
+    let current = api.get_opt(&settings.clusters_secret).await?;
+    let mut entries: Vec<serde_json::Value> = current
+        .as_ref()
+        .and_then(|s| secret_text(s, CLUSTERS_KEY))
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    entries.retain(|e| e["id"] != id);
+    if let Some((sha256, target)) = entry {
+        entries.push(json!({"id": id, "tokenSha256": sha256, "targetAddr": target}));
+    }
+    entries.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    let text = serde_json::to_string_pretty(&entries).unwrap_or_else(|_| "[]".into());
+    let desired = Secret {
+        metadata: ObjectMeta {
+            name: Some(settings.clusters_secret.clone()),
+            namespace: Some(settings.namespace.clone()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                "tether-operator".to_owned(),
+            )])),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(BTreeMap::from([(
+            CLUSTERS_KEY.to_owned(),
+            ByteString(text.into_bytes()),
+        )])),
+        ..Default::default()
+    };
+    ensure_secret(&api, current, desired).await?;
+    Ok(())
+}
+
+/// Re-checks the shared certificates until `stop`, renewing them when due.
+pub async fn refresh_pki(ctx: Arc<Context>, stop: tokio_util::sync::CancellationToken) {
+    loop {
+        let wait = ctx
+            .pki()
+            .renew_at
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .clamp(Duration::from_secs(60), RESYNC);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match crate::pki::ensure_global(&ctx.client, &ctx.settings).await {
+            Ok(pki) => ctx.set_pki(pki),
+            Err(err) => warn!(error = %err, "cannot refresh the shared certificates"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_exponentially_up_to_five_minutes() {
+        let delays: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+}
