@@ -1,7 +1,7 @@
 # tether: one entry point for building, testing and running locally.
 CARGO ?= cargo
 
-.PHONY: build release test lint fmt demo clean
+.PHONY: build release test lint fmt demo crds run-operator clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -20,6 +20,15 @@ lint:
 
 fmt:
 	$(CARGO) fmt --all
+
+## Regenerate crds/ from the Rust types (a test fails when it is stale).
+crds:
+	$(CARGO) run -q -p tether-operator --bin crdgen crds/proxiedclusters.tether.dev.yaml
+
+## The operator on this machine against the cluster of $$KUBECONFIG.
+run-operator:
+	kubectl apply -f crds/
+	$(CARGO) run -p tether-operator --bin tether-operator -- --namespace $${NAMESPACE:-tether-system} --leader-election=false
 
 ## tether's main job on this machine, no cluster needed.
 demo: release

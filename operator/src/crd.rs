@@ -36,6 +36,10 @@ pub const DEFAULT_AGENT_NAMESPACE: &str = "tether-agent";
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.clusterId) == has(oldSelf.clusterId) && (!has(self.clusterId) || self.clusterId == oldSelf.clusterId)",
+    "message": "spec.clusterId is immutable: create a new ProxiedCluster for a new id"
+}]))]
 pub struct ProxiedClusterSpec {
     /// The id in tunnel URLs (`/tunnel/{id}`). Defaults to metadata.name.
     /// Unique across all ProxiedClusters.
@@ -300,6 +304,20 @@ mod tests {
         assert_eq!(pc.spec.agent.namespace, "tether-agent");
         assert_eq!(pc.spec.agent.replicas, 1);
         assert_eq!(pc.spec.certificates.agent_duration, "2160h");
+    }
+
+    #[test]
+    fn cluster_id_is_immutable_in_the_schema() {
+        let crd =
+            serde_json::to_value(<ProxiedCluster as kube::CustomResourceExt>::crd()).expect("json");
+        let rules = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+            ["x-kubernetes-validations"];
+        assert!(
+            rules[0]["rule"]
+                .as_str()
+                .is_some_and(|r| r.contains("oldSelf.clusterId")),
+            "{rules}"
+        );
     }
 
     #[test]
