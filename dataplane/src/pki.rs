@@ -242,17 +242,25 @@ impl CertInfo {
     }
 }
 
-/// The cluster an agent certificate names (its `spiffe://tether/cluster/`
-/// URI SAN), if any.
+/// The cluster an agent certificate names: its `spiffe://tether/cluster/`
+/// URI SAN, or else its subject common name (certificates from other
+/// issuers, such as cert-manager, often carry only a CN).
 pub fn cluster_identity(cert: &CertificateDer<'_>) -> Result<Option<String>, PkiError> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).map_err(|_| PkiError::Parse)?;
-    let Ok(Some(sans)) = parsed.subject_alternative_name() else {
-        return Ok(None);
-    };
-    Ok(sans.value.general_names.iter().find_map(|name| match name {
-        GeneralName::URI(uri) => uri.strip_prefix(CLUSTER_URI_PREFIX).map(str::to_owned),
-        _ => None,
-    }))
+    if let Ok(Some(sans)) = parsed.subject_alternative_name()
+        && let Some(id) = sans.value.general_names.iter().find_map(|name| match name {
+            GeneralName::URI(uri) => uri.strip_prefix(CLUSTER_URI_PREFIX).map(str::to_owned),
+            _ => None,
+        })
+    {
+        return Ok(Some(id));
+    }
+    Ok(parsed
+        .subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned))
 }
 
 #[cfg(test)]
@@ -280,7 +288,11 @@ mod tests {
             ))
             .expect("leaf");
         let der = CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).expect("pem");
-        assert_eq!(cluster_identity(&der).expect("parses"), None);
+        assert_eq!(
+            cluster_identity(&der).expect("parses").as_deref(),
+            Some("s"),
+            "falls back to the CN"
+        );
     }
 
     #[test]

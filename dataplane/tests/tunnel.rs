@@ -789,3 +789,37 @@ async fn kubectl_exec_and_follow_logs_through_the_tunnel() {
     let _ = logs.kill().await;
     assert!(env.backend.seen().iter().all(|r| r.authorized));
 }
+
+/// A valid certificate of cluster A with the token of cluster B is refused
+/// and counted; each agent with its own pair connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificate_identity_must_match_the_token() {
+    let env = Env::start(Security::Mtls).await;
+    let target = env.target();
+    std::fs::write(
+        &env.clusters_file,
+        cluster_json(&[
+            ("dev", "dev-token", &target),
+            ("prod", "prod-token", &target),
+        ]),
+    )
+    .expect("clusters");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // prod's token with dev's certificate.
+    let mut args = env.agent_args("dev", "prod-token", &[]);
+    args.max_retry = Duration::from_secs(30);
+    let crossed = Agent::start(args).await.expect("agent");
+    eventually(
+        || {
+            env.server()
+                .metrics_text()
+                .contains("tunnel_identity_mismatch_total 1")
+        },
+        "mismatch counted",
+    )
+    .await;
+    assert!(!env.server().is_connected("prod") && !env.server().is_connected("dev"));
+    assert!(!crossed.is_connected());
+    let _prod = env.agent("prod", "prod-token", &[]).await;
+    env.wait_connected("prod").await;
+}

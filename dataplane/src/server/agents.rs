@@ -34,6 +34,26 @@ pub(super) async fn connect(
         warn!(remote = %conn.remote, "agent authentication failed");
         return text(StatusCode::UNAUTHORIZED, "invalid agent token");
     };
+    // With mTLS, the certificate must name the same cluster as the token:
+    // a stolen token is useless without that cluster's key, and one
+    // cluster's certificate cannot carry another cluster's token.
+    if let Some(cert) = &conn.client_certificate {
+        let identity = crate::pki::cluster_identity(cert).ok().flatten();
+        if identity.as_deref() != Some(cluster.id.as_str()) {
+            state.metrics.identity_mismatches.inc();
+            state
+                .metrics
+                .auth_failures
+                .with_label_values(&["connect"])
+                .inc();
+            warn!(remote = %conn.remote, cluster = %cluster.id, certificate = ?identity,
+                "agent certificate names another cluster than its token");
+            return text(
+                StatusCode::FORBIDDEN,
+                "client certificate does not match the agent token",
+            );
+        }
+    }
     let (response, version) = match websocket::accept(&request) {
         Ok(accepted) => accepted,
         Err(err) => return text(StatusCode::BAD_REQUEST, &err.to_string()),
