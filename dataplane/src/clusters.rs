@@ -32,6 +32,8 @@ pub enum ConfigError {
     DuplicateToken { first: String, second: String },
     #[error("cluster {id:?}: targetAddr {addr:?} is not host:port")]
     BadTarget { id: String, addr: String },
+    #[error("cluster {id:?}: resource {resource:?} is not namespace/name")]
+    BadResource { id: String, resource: String },
 }
 
 #[derive(Deserialize)]
@@ -44,6 +46,10 @@ struct Entry {
     token_sha256: Option<String>,
     #[serde(default)]
     target_addr: Option<String>,
+    /// `namespace/name` of the ProxiedCluster, where tether-server reports
+    /// the connection status (set by the operator).
+    #[serde(default)]
+    resource: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
@@ -52,6 +58,8 @@ pub struct Cluster {
     token_sha256: [u8; 32],
     /// The only `host:port` this cluster's agent is asked to dial.
     pub target_addr: String,
+    /// The ProxiedCluster (namespace, name) whose status tracks this cluster.
+    pub resource: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for Cluster {
@@ -59,6 +67,7 @@ impl std::fmt::Debug for Cluster {
         f.debug_struct("Cluster")
             .field("id", &self.id)
             .field("target_addr", &self.target_addr)
+            .field("resource", &self.resource)
             .finish_non_exhaustive()
     }
 }
@@ -146,10 +155,22 @@ impl Clusters {
                     addr: target_addr,
                 });
             }
+            let resource = match entry.resource {
+                None => None,
+                Some(resource) => match resource.split_once('/') {
+                    Some((ns, name))
+                        if is_dns_label(ns) && !name.is_empty() && !name.contains('/') =>
+                    {
+                        Some((ns.to_owned(), name.to_owned()))
+                    }
+                    _ => return Err(ConfigError::BadResource { id, resource }),
+                },
+            };
             clusters.push(Cluster {
                 id,
                 token_sha256,
                 target_addr,
+                resource,
             });
         }
         Ok(Self { clusters })
@@ -196,7 +217,7 @@ mod tests {
         let hash = hex::encode(token_sha256("beta-token"));
         let json = format!(
             r#"[{{"id":"alpha","token":"alpha-token","targetAddr":"10.0.0.1:6443"}},
-                {{"id":"beta","tokenSha256":"{hash}"}}]"#
+                {{"id":"beta","tokenSha256":"{hash}","resource":"tenants/beta"}}]"#
         );
         let clusters = Clusters::parse(&json).expect("valid");
         assert_eq!(clusters.len(), 2);

@@ -119,6 +119,24 @@ fn query_param(query: &str, name: &str) -> Option<String> {
         })
 }
 
+/// Field selectors on `metadata.name` and `metadata.namespace` (equality).
+fn matches_fields(object: &Value, selector: &str) -> bool {
+    selector
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((field, value)) => {
+                let value = value.trim_start_matches('=');
+                match field {
+                    "metadata.name" => object["metadata"]["name"].as_str() == Some(value),
+                    "metadata.namespace" => object["metadata"]["namespace"].as_str() == Some(value),
+                    _ => true,
+                }
+            }
+            None => true,
+        })
+}
+
 /// Equality-based label selectors: `a=b,c==d,e!=f,g`.
 fn matches_labels(object: &Value, selector: &str) -> bool {
     let labels = &object["metadata"]["labels"];
@@ -383,6 +401,7 @@ async fn handle(
         }
         (Method::GET, None) => {
             let selector = query_param(&query, "labelSelector").unwrap_or_default();
+            let fields = query_param(&query, "fieldSelector").unwrap_or_default();
             let st = lock();
             let items: Vec<Value> = st
                 .objects
@@ -391,6 +410,7 @@ async fn handle(
                     k.collection == route.collection
                         && route.namespace.as_ref().is_none_or(|ns| &k.namespace == ns)
                         && matches_labels(o, &selector)
+                        && matches_fields(o, &fields)
                 })
                 .map(|(_, o)| o.clone())
                 .collect();
@@ -584,6 +604,7 @@ fn watch(
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let selector = query_param(query, "labelSelector").unwrap_or_default();
+    let fields = query_param(query, "fieldSelector").unwrap_or_default();
     let timeout = query_param(query, "timeoutSeconds")
         .and_then(|v| v.parse().ok())
         .map_or(Duration::from_secs(290), Duration::from_secs);
@@ -603,6 +624,7 @@ fn watch(
         c.key.collection == collection
             && namespace.as_ref().is_none_or(|ns| &c.key.namespace == ns)
             && matches_labels(&c.object, &selector)
+            && matches_fields(&c.object, &fields)
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
     let stop = stop.clone();
@@ -680,6 +702,17 @@ mod tests {
             (r.collection.as_str(), r.name.as_deref()),
             ("/api/v1/namespaces", Some("default"))
         );
+    }
+
+    #[test]
+    fn field_selectors() {
+        let object = json!({"metadata": {"name": "a", "namespace": "n"}});
+        assert!(matches_fields(&object, "metadata.name=a"));
+        assert!(matches_fields(
+            &object,
+            "metadata.name=a,metadata.namespace=n"
+        ));
+        assert!(!matches_fields(&object, "metadata.name=b"));
     }
 
     #[test]

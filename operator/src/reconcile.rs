@@ -31,7 +31,7 @@ use crate::settings::{Settings, url_host};
 
 pub const FINALIZER: &str = "tether.dev/cleanup";
 const ROTATION_ANNOTATION: &str = "tether.dev/token-rotation";
-pub const CLUSTERS_KEY: &str = "clusters.json";
+pub use tether::server::kubernetes::CLUSTERS_KEY;
 pub const BUNDLE_KEY: &str = "bundle.yaml";
 /// Longest time between two reconciles of a healthy object.
 const RESYNC: Duration = Duration::from_secs(3600);
@@ -475,7 +475,13 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
     }
 
     // tether-server learns the cluster from the clusters Secret.
-    upsert_server_entry(ctx, &id, Some((&token_sha256, &pc.spec.target_address))).await?;
+    let resource = format!("{namespace}/{}", pc.name_any());
+    upsert_server_entry(
+        ctx,
+        &id,
+        Some((&token_sha256, &pc.spec.target_address, &resource)),
+    )
+    .await?;
 
     // ArgoCD registration (a Secret in ArgoCD's namespace: no owner
     // reference across namespaces, so the finalizer removes it).
@@ -670,15 +676,19 @@ async fn cleanup(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
 /// reconcile fails over to the error backoff.
 const CONFLICT_RETRIES: usize = 16;
 
+/// A cluster's entry for tether-server: token hash, target, and the
+/// ProxiedCluster (`namespace/name`) to report connection status to.
+type ServerEntry<'a> = (&'a str, &'a str, &'a str);
+
 /// Adds, updates (`Some`) or removes (`None`) one cluster in the clusters
-/// Secret tether-server loads: `[{"id","tokenSha256","targetAddr"}]`,
+/// Secret tether-server loads: `[{"id","tokenSha256","targetAddr","resource"}]`,
 /// sorted by id. Written with the resourceVersion read, so concurrent
 /// reconciles cannot lose each other's entries: a conflict re-reads and
 /// tries again.
 async fn upsert_server_entry(
     ctx: &Context,
     id: &str,
-    entry: Option<(&str, &str)>,
+    entry: Option<ServerEntry<'_>>,
 ) -> Result<(), Error> {
     let mut attempt = 0;
     loop {
@@ -696,7 +706,7 @@ async fn upsert_server_entry(
 async fn try_upsert_server_entry(
     ctx: &Context,
     id: &str,
-    entry: Option<(&str, &str)>,
+    entry: Option<ServerEntry<'_>>,
 ) -> Result<(), Error> {
     let settings = &ctx.settings;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &settings.namespace);
@@ -707,8 +717,10 @@ async fn try_upsert_server_entry(
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default();
     entries.retain(|e| e["id"] != id);
-    if let Some((sha256, target)) = entry {
-        entries.push(json!({"id": id, "tokenSha256": sha256, "targetAddr": target}));
+    if let Some((sha256, target, resource)) = entry {
+        entries.push(
+            json!({"id": id, "tokenSha256": sha256, "targetAddr": target, "resource": resource}),
+        );
     }
     entries.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     let text = serde_json::to_string_pretty(&entries).unwrap_or_else(|_| "[]".into());

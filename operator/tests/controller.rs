@@ -208,7 +208,7 @@ async fn first_reconcile_creates_everything() {
         config,
         [
             json!({"id": "customer-a", "tokenSha256": hex::encode(Sha256::digest(token.as_bytes())),
-        "targetAddr": "kubernetes.default.svc:443"})
+        "targetAddr": "kubernetes.default.svc:443", "resource": "tenants/customer-a"})
         ]
     );
     let parsed = tether::clusters::Clusters::parse(&serde_json::to_string(&config).expect("json"))

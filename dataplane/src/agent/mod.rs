@@ -257,6 +257,7 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
 pub struct Agent {
     pub health_addr: SocketAddr,
     pub metrics: Arc<AgentMetrics>,
+    args: AgentArgs,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -271,10 +272,17 @@ impl Agent {
         let upstream = Arc::new(upstream::Upstream::new(&args, metrics.clone())?);
         let stop = CancellationToken::new();
         let health_addr = health::serve(args.health_addr, metrics.clone(), stop.clone()).await?;
-        let task = tokio::spawn(run(args, endpoint, upstream, metrics.clone(), stop.clone()));
+        let task = tokio::spawn(run(
+            args.clone(),
+            endpoint,
+            upstream,
+            metrics.clone(),
+            stop.clone(),
+        ));
         Ok(Self {
             health_addr,
             metrics,
+            args,
             stop,
             task,
         })
@@ -282,6 +290,11 @@ impl Agent {
 
     pub fn is_connected(&self) -> bool {
         self.metrics.connected.get() == 1
+    }
+
+    /// The configuration it runs with.
+    pub fn args(&self) -> &AgentArgs {
+        &self.args
     }
 
     pub async fn shutdown(self) {

@@ -9,6 +9,7 @@ use hyper::body::Incoming;
 use tracing::{info, warn};
 
 use super::ServerState;
+use super::kubernetes::ConnectionEvent;
 use super::registry::Tunnel;
 use crate::http::{Body, bearer_token, text};
 use crate::listen::ConnInfo;
@@ -81,6 +82,7 @@ pub(super) async fn connect(
         config.keepalive_timeout = state.args.keepalive_timeout;
         let (session, _) = Session::start(socket, config);
         let generation = state.tunnels.next_generation();
+        let reported_version = agent_version.clone();
         info!(cluster = %cluster_id, %remote, protocol = version.as_str(),
             agent_version = %agent_version, "agent connected");
         state.tunnels.insert(
@@ -94,10 +96,19 @@ pub(super) async fn connect(
                 token_sha256,
             },
         );
+        state.report(ConnectionEvent::Up {
+            cluster: cluster_id.clone(),
+            agent_version: reported_version,
+            remote: remote.to_string(),
+            since: SystemTime::now(),
+        });
         session.closed().await;
         if state.tunnels.remove_if_current(&cluster_id, generation) {
             info!(cluster = %cluster_id, reason = session.close_reason().unwrap_or_default(),
                 "agent disconnected");
+            state.report(ConnectionEvent::Down {
+                cluster: cluster_id,
+            });
         }
     });
     response

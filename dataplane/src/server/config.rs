@@ -18,7 +18,9 @@ pub enum LoadError {
     },
     #[error("{origin}: {source}")]
     Invalid { origin: String, source: ConfigError },
-    #[error("no clusters configured: pass --clusters FILE or set CLUSTERS")]
+    #[error(
+        "no clusters configured: pass --clusters FILE or --clusters-secret NAMESPACE/NAME, or set CLUSTERS"
+    )]
     Missing,
 }
 
@@ -26,15 +28,18 @@ pub enum LoadError {
 pub enum ClustersSource {
     File(PathBuf),
     Inline(String),
+    /// Watched through the API (see `kubernetes`); starts empty.
+    Kubernetes,
     None,
 }
 
 impl ClustersSource {
     pub fn from_args(args: &ServerArgs) -> Self {
-        match (&args.clusters, &args.clusters_json) {
-            (Some(path), _) => Self::File(path.clone()),
-            (None, Some(json)) => Self::Inline(json.clone()),
-            (None, None) => Self::None,
+        match (&args.clusters, &args.clusters_secret, &args.clusters_json) {
+            (Some(path), _, _) => Self::File(path.clone()),
+            (None, Some(_), _) => Self::Kubernetes,
+            (None, None, Some(json)) => Self::Inline(json.clone()),
+            (None, None, None) => Self::None,
         }
     }
 
@@ -54,6 +59,7 @@ impl ClustersSource {
                 origin: "CLUSTERS".into(),
                 source,
             }),
+            Self::Kubernetes => Ok(Clusters::default()),
             Self::None => Err(LoadError::Missing),
         }
     }

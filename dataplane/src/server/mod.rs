@@ -3,6 +3,7 @@
 
 mod agents;
 mod config;
+pub mod kubernetes;
 pub mod metrics;
 mod proxy;
 pub mod registry;
@@ -63,6 +64,14 @@ pub struct ServerArgs {
     /// The same JSON inline (used when --clusters is not given).
     #[arg(long = "clusters-json", env = "CLUSTERS", hide_env_values = true)]
     pub clusters_json: Option<String>,
+    /// `namespace/name` of the Secret tether-operator publishes (key
+    /// clusters.json), watched through the Kubernetes API: changes apply
+    /// within a second. Also turns on connection status reporting.
+    #[arg(long, env = "CLUSTERS_SECRET", value_parser = kubernetes::parse_secret_ref, conflicts_with = "clusters")]
+    pub clusters_secret: Option<kubernetes::SecretRef>,
+    /// This replica's name in reported status (the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "tether-server")]
+    pub replica_name: String,
     /// Requests per second allowed per cluster through the tunnel; 0 = unlimited.
     #[arg(long, env = "RATE_LIMIT", default_value_t = 0.0)]
     pub rate_limit: f64,
@@ -111,6 +120,8 @@ pub enum StartError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("Kubernetes client: {0}")]
+    Kube(#[from] kube::Error),
 }
 
 /// State shared by both ports.
@@ -123,6 +134,8 @@ pub(crate) struct ServerState {
     /// Set on SIGTERM: no new tunnels or requests.
     draining: CancellationToken,
     mtls: bool,
+    /// Where connection changes go, when status reporting is on.
+    reporter: Option<tokio::sync::mpsc::UnboundedSender<kubernetes::ConnectionEvent>>,
 }
 
 impl ServerState {
@@ -141,6 +154,15 @@ impl ServerState {
         *self.clusters.write().unwrap_or_else(|p| p.into_inner()) = clusters.clone();
         let closed = self.tunnels.retain_configured(&clusters);
         info!(clusters = count, closed = ?closed, "clusters configuration applied");
+        for cluster in closed {
+            self.report(kubernetes::ConnectionEvent::Down { cluster });
+        }
+    }
+
+    fn report(&self, event: kubernetes::ConnectionEvent) {
+        if let Some(reporter) = &self.reporter {
+            let _ = reporter.send(event);
+        }
     }
 }
 
@@ -154,8 +176,21 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Binds both ports and starts serving.
+    /// Binds both ports and starts serving. With `--clusters-secret`, the
+    /// Kubernetes client comes from the environment (in-cluster or KUBECONFIG).
     pub async fn start(args: ServerArgs) -> Result<Self, StartError> {
+        let client = match &args.clusters_secret {
+            Some(_) => Some(kube::Client::try_default().await?),
+            None => None,
+        };
+        Self::start_with_client(args, client).await
+    }
+
+    /// As [`RunningServer::start`], with a given Kubernetes client.
+    pub async fn start_with_client(
+        args: ServerArgs,
+        client: Option<kube::Client>,
+    ) -> Result<Self, StartError> {
         let source = ClustersSource::from_args(&args);
         let clusters = source.load()?;
         let stop = CancellationToken::new();
@@ -198,7 +233,19 @@ impl RunningServer {
             source,
         })?;
 
+        let kube = match (&args.clusters_secret, client) {
+            (Some(secret), Some(client)) => Some((secret.clone(), client)),
+            _ => None,
+        };
+        let (reporter, reports) = match &kube {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
         let state = Arc::new(ServerState {
+            reporter,
             limiter: proxy::RateLimiter::new(args.rate_limit),
             mtls: args.tls_client_ca.is_some(),
             args,
@@ -231,6 +278,22 @@ impl RunningServer {
             ));
         }
         tasks.spawn(config::watch(source, state.clone(), stop.clone()));
+        if let (Some((secret, client)), Some(reports)) = (kube, reports) {
+            tasks.spawn(kubernetes::watch_clusters(
+                client.clone(),
+                secret,
+                state.clone(),
+                stop.clone(),
+            ));
+            let replica = state.args.replica_name.clone();
+            tasks.spawn(kubernetes::report_status(
+                client,
+                replica,
+                state.clone(),
+                reports,
+                stop.clone(),
+            ));
+        }
         Ok(Self {
             public_addr,
             internal_addr,

@@ -1,0 +1,330 @@
+//! Operator, tether-server and tether-agent as one system against the
+//! in-memory API: a new ProxiedCluster is accepted by a running server, its
+//! agent connects with the bundle's credentials over mTLS, the connection
+//! shows in status, and deletion closes the session, each within 5 s.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use kube::api::{DeleteParams, PostParams};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tether::agent::{Agent, AgentArgs};
+use tether::fake_apiserver::FakeApiServer;
+use tether::pki::{CertificateAuthority, LeafRequest};
+use tether::server::{RunningServer, ServerArgs};
+use tether::tls::ServerTlsFiles;
+use tether_operator::crd::ProxiedCluster;
+use tether_operator::fake_api::FakeApi;
+use tether_operator::settings::Settings;
+use tokio_util::sync::CancellationToken;
+
+const FIVE_SECONDS: Duration = Duration::from_secs(5);
+const NS: &str = "tenants";
+
+fn write(dir: &Path, name: &str, contents: &[u8]) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).expect("write");
+    path
+}
+
+async fn within<T>(
+    limit: Duration,
+    what: &str,
+    mut probe: impl AsyncFnMut() -> Option<T>,
+) -> (T, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = probe().await {
+            return (value, started.elapsed());
+        }
+        assert!(started.elapsed() < limit, "not within {limit:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+fn secret_data(secret: &Secret, key: &str) -> Vec<u8> {
+    secret.data.as_ref().expect("data")[key].0.clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
+    tether::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::start().await.expect("fake API");
+    let client = api.client();
+
+    // The customer's API server (its own CA, as in a real cluster).
+    let customer_ca =
+        CertificateAuthority::generate("customer cluster CA", Duration::from_secs(3600))
+            .expect("CA");
+    let apiserver = customer_ca
+        .issue(&LeafRequest::server(
+            "kube-apiserver",
+            &["localhost"],
+            &["127.0.0.1".parse().expect("ip")],
+            Duration::from_secs(3600),
+        ))
+        .expect("leaf");
+    let sa_token = write(dir.path(), "sa-token", b"customer-sa-token");
+    let backend = FakeApiServer::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        Some(ServerTlsFiles {
+            cert: write(dir.path(), "apiserver.crt", apiserver.cert_pem.as_bytes()),
+            key: write(dir.path(), "apiserver.key", apiserver.key_pem.as_bytes()),
+            client_ca: None,
+        }),
+        sa_token.clone(),
+    )
+    .await
+    .expect("backend");
+    let customer_ca_path = write(
+        dir.path(),
+        "customer-ca.crt",
+        customer_ca.cert_pem().as_bytes(),
+    );
+
+    // The operator.
+    let mut settings = Settings::defaults();
+    settings.leader_election = false;
+    settings.public_url = Some("wss://localhost:1".into());
+    let stop = CancellationToken::new();
+    let operator = tokio::spawn(tether_operator::run(client.clone(), settings, stop.clone()));
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "tether-system");
+    let (server_tls, _) = within(Duration::from_secs(10), "shared certificates", async || {
+        secrets
+            .get_opt("tether-argocd-client-tls")
+            .await
+            .ok()
+            .flatten()?;
+        secrets.get_opt("tether-server-tls").await.ok().flatten()
+    })
+    .await;
+
+    // tether-server, mTLS with the operator's certificates, clusters from the API.
+    let server = RunningServer::start_with_client(
+        ServerArgs::parse_from([
+            "tether-server",
+            "--addr",
+            "127.0.0.1:0",
+            "--internal-addr",
+            "127.0.0.1:0",
+            "--clusters-secret",
+            "tether-system/tether-clusters",
+            "--replica-name",
+            "server-0",
+            "--tls-cert",
+            &write(
+                dir.path(),
+                "server.crt",
+                &secret_data(&server_tls, "tls.crt"),
+            )
+            .display()
+            .to_string(),
+            "--tls-key",
+            &write(
+                dir.path(),
+                "server.key",
+                &secret_data(&server_tls, "tls.key"),
+            )
+            .display()
+            .to_string(),
+            "--tls-client-ca",
+            &write(dir.path(), "ca.crt", &secret_data(&server_tls, "ca.crt"))
+                .display()
+                .to_string(),
+        ]),
+        Some(client.clone()),
+    )
+    .await
+    .expect("server");
+
+    // A new ProxiedCluster...
+    let clusters: Api<ProxiedCluster> = Api::namespaced(client.clone(), NS);
+    let pc: ProxiedCluster = serde_json::from_value(json!({
+        "apiVersion": "tether.dev/v1alpha1", "kind": "ProxiedCluster",
+        "metadata": {"name": "acme", "namespace": NS},
+        "spec": {"targetAddress": backend.addr.to_string(),
+                 "publicUrl": format!("wss://localhost:{}", server.public_addr.port())}
+    }))
+    .expect("pc");
+    clusters
+        .create(&PostParams::default(), &pc)
+        .await
+        .expect("create");
+    let tenant_secrets: Api<Secret> = Api::namespaced(client.clone(), NS);
+    let (bundle_secret, _) = within(Duration::from_secs(10), "bundle rendered", async || {
+        tenant_secrets
+            .get_opt("acme-tether-bundle")
+            .await
+            .ok()
+            .flatten()
+    })
+    .await;
+
+    // ... is handed to the customer as its bundle; the agent runs with exactly
+    // the bundle's credentials.
+    let bundle = String::from_utf8(secret_data(&bundle_secret, "bundle.yaml")).expect("utf-8");
+    let agent_secret: Secret = serde_yaml_ng::Deserializer::from_str(&bundle)
+        .map(|doc| Value::deserialize(doc).expect("yaml"))
+        .find(|doc| doc["kind"] == "Secret")
+        .map(|doc| serde_json::from_value(doc).expect("Secret"))
+        .expect("bundle has the agent Secret");
+    let file = |key: &str| {
+        write(
+            dir.path(),
+            &format!("agent-{key}"),
+            &secret_data(&agent_secret, key),
+        )
+        .display()
+        .to_string()
+    };
+    let agent = Agent::start(AgentArgs::parse_from([
+        "tether-agent",
+        "--server",
+        &format!("wss://localhost:{}", server.public_addr.port()),
+        "--token-file",
+        &file("token"),
+        "--server-ca-cert",
+        &file("ca.crt"),
+        "--client-cert",
+        &file("tls.crt"),
+        "--client-key",
+        &file("tls.key"),
+        "--target",
+        &backend.addr.to_string(),
+        "--ca-cert",
+        &customer_ca_path.display().to_string(),
+        "--sa-token-path",
+        &sa_token.display().to_string(),
+        "--health-addr",
+        "127.0.0.1:0",
+        "--max-retry",
+        "1s",
+    ]))
+    .await
+    .expect("agent");
+    let (_, accepted_after) = within(FIVE_SECONDS, "server accepts the new cluster", async || {
+        server.is_connected("acme").then_some(())
+    })
+    .await;
+
+    // Status flows back: the connection (from the server) and AgentConnected (from the operator).
+    let (pc, _) = within(FIVE_SECONDS, "connection in status", async || {
+        let pc = clusters.get("acme").await.ok()?;
+        let connection = pc.status.as_ref()?.connection.as_ref()?;
+        let condition = pc
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "AgentConnected")?;
+        (connection.connected && condition.status == "True").then_some(pc)
+    })
+    .await;
+    let connection = pc
+        .status
+        .as_ref()
+        .and_then(|s| s.connection.clone())
+        .expect("connection");
+    assert_eq!(
+        connection.agent_version.as_deref(),
+        Some(env!("CARGO_PKG_VERSION"))
+    );
+    assert_eq!(connection.server_replica.as_deref(), Some("server-0"));
+    assert!(
+        connection
+            .remote_address
+            .is_some_and(|r| r.starts_with("127.0.0.1:"))
+    );
+    assert_eq!(
+        pc.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status.as_str()),
+        Some("True"),
+        "the server's write did not clobber the operator's conditions"
+    );
+
+    // ArgoCD's view: its client certificate through the internal port.
+    let argocd_tls = secrets
+        .get("tether-argocd-client-tls")
+        .await
+        .expect("ArgoCD cert");
+    let identity = (
+        tether::tls::load_certs(&write(
+            dir.path(),
+            "argocd.crt",
+            &secret_data(&argocd_tls, "tls.crt"),
+        ))
+        .expect("cert"),
+        tether::tls::load_key(&write(
+            dir.path(),
+            "argocd.key",
+            &secret_data(&argocd_tls, "tls.key"),
+        ))
+        .expect("key"),
+    );
+    let roots = tether::tls::load_roots(&dir.path().join("ca.crt")).expect("roots");
+    let config = tether::tls::client_config(roots, Some(identity)).expect("config");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(server.internal_addr)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("tether-server-internal.tether-system.svc")
+        .expect("name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("mTLS to the internal port");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(b"GET /tunnel/acme/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("v1.33.0-tether-fake"));
+
+    // The agent goes away: status says so within 5 s.
+    let agent_args = agent.args().clone();
+    agent.shutdown().await;
+    within(FIVE_SECONDS, "disconnect in status", async || {
+        let pc = clusters.get("acme").await.ok()?;
+        let connected = pc.status.as_ref()?.connection.as_ref()?.connected;
+        let condition = pc
+            .status
+            .as_ref()?
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "AgentConnected")?;
+        (!connected && condition.status == "False").then_some(())
+    })
+    .await;
+    let agent = Agent::start(agent_args).await.expect("agent again");
+    within(FIVE_SECONDS, "agent back", async || {
+        server.is_connected("acme").then_some(())
+    })
+    .await;
+
+    // Deleting the ProxiedCluster closes its session and reports it.
+    clusters
+        .delete("acme", &DeleteParams::default())
+        .await
+        .expect("delete");
+    let (_, closed_after) = within(FIVE_SECONDS, "session closed after deletion", async || {
+        (!server.is_connected("acme") && !agent.is_connected()).then_some(())
+    })
+    .await;
+    eprintln!(
+        "accepted {accepted_after:?} after the bundle appeared; closed {closed_after:?} after deletion"
+    );
+    stop.cancel();
+    let _ = operator.await;
+    server.shutdown().await;
+}
