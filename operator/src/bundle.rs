@@ -20,6 +20,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use tether::pki::Issued;
+
+use crate::crd::ProxiedCluster;
 
 /// Name of every object the bundle creates in the customer cluster.
 pub const AGENT_NAME: &str = "tether-agent";
@@ -44,6 +47,44 @@ pub struct BundleInput {
     pub client_key_pem: String,
     /// CA that signed tether-server's certificate.
     pub server_ca_pem: String,
+}
+
+impl BundleInput {
+    /// A ProxiedCluster's bundle input: its spec, with `default_image` and
+    /// `default_public_url` where the spec leaves them out.
+    pub fn for_cluster(
+        pc: &ProxiedCluster,
+        default_image: &str,
+        default_public_url: Option<&str>,
+        token: &str,
+        client: &Issued,
+        server_ca_pem: &str,
+    ) -> Self {
+        Self {
+            cluster_id: pc.cluster_id(),
+            namespace: pc.spec.agent.namespace.clone(),
+            image: pc
+                .spec
+                .agent
+                .image
+                .clone()
+                .unwrap_or_else(|| default_image.to_owned()),
+            replicas: pc.spec.agent.replicas,
+            resources: pc.spec.agent.resources.clone(),
+            rules: pc.spec.agent.rules.clone(),
+            server_url: pc
+                .spec
+                .public_url
+                .clone()
+                .or_else(|| default_public_url.map(str::to_owned))
+                .unwrap_or_default(),
+            target: pc.spec.target_address.clone(),
+            token: token.to_owned(),
+            client_cert_pem: client.cert_pem.clone(),
+            client_key_pem: client.key_pem.clone(),
+            server_ca_pem: server_ca_pem.to_owned(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

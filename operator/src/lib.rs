@@ -4,6 +4,7 @@
 
 pub mod argocd;
 pub mod bundle;
+pub mod cli;
 pub mod crd;
 pub mod fake_api;
 pub mod leader;

@@ -536,25 +536,14 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
     // The agent bundle, stored for export.
     let mut bundle_ref = None;
     if let Some((issued, _)) = &agent {
-        let input = BundleInput {
-            cluster_id: id.clone(),
-            namespace: pc.spec.agent.namespace.clone(),
-            image: pc
-                .spec
-                .agent
-                .image
-                .clone()
-                .unwrap_or_else(|| settings.agent_image.clone()),
-            replicas: pc.spec.agent.replicas,
-            resources: pc.spec.agent.resources.clone(),
-            rules: pc.spec.agent.rules.clone(),
-            server_url: public_url(pc, settings).unwrap_or_default(),
-            target: pc.spec.target_address.clone(),
-            token: token.clone(),
-            client_cert_pem: issued.cert_pem.clone(),
-            client_key_pem: issued.key_pem.clone(),
-            server_ca_pem: pki.server_ca_pem.clone(),
-        };
+        let input = BundleInput::for_cluster(
+            pc,
+            &settings.agent_image,
+            settings.public_url.as_deref(),
+            &token,
+            issued,
+            &pki.server_ca_pem,
+        );
         let rendered = bundle::render(&input)?;
         let name = bundle_secret_name(pc);
         let current = secrets.get_opt(&name).await?;
@@ -672,13 +661,21 @@ async fn cleanup(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
     Ok(Action::await_change())
 }
 
+/// One cluster as tether-server's clusters configuration lists it.
+pub fn server_entry(
+    id: &str,
+    (token_sha256, target, resource): ServerEntry<'_>,
+) -> serde_json::Value {
+    json!({"id": id, "tokenSha256": token_sha256, "targetAddr": target, "resource": resource})
+}
+
 /// Conflicts on the shared clusters Secret retried at once before the
 /// reconcile fails over to the error backoff.
 const CONFLICT_RETRIES: usize = 16;
 
 /// A cluster's entry for tether-server: token hash, target, and the
 /// ProxiedCluster (`namespace/name`) to report connection status to.
-type ServerEntry<'a> = (&'a str, &'a str, &'a str);
+pub type ServerEntry<'a> = (&'a str, &'a str, &'a str);
 
 /// Adds, updates (`Some`) or removes (`None`) one cluster in the clusters
 /// Secret tether-server loads: `[{"id","tokenSha256","targetAddr","resource"}]`,
@@ -717,10 +714,8 @@ async fn try_upsert_server_entry(
         .and_then(|text| serde_json::from_str(&text).ok())
         .unwrap_or_default();
     entries.retain(|e| e["id"] != id);
-    if let Some((sha256, target, resource)) = entry {
-        entries.push(
-            json!({"id": id, "tokenSha256": sha256, "targetAddr": target, "resource": resource}),
-        );
+    if let Some(entry) = entry {
+        entries.push(server_entry(id, entry));
     }
     entries.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     let text = serde_json::to_string_pretty(&entries).unwrap_or_else(|_| "[]".into());

@@ -1,0 +1,503 @@
+//! `kubectl tether`: export a cluster's agent bundle, render one offline
+//! (no cluster, no operator), and show clusters at a glance.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::ListParams;
+use kube::{Api, Client, ResourceExt};
+use sha2::{Digest, Sha256};
+use tether::pki::{CertInfo, CertificateAuthority, Issued, LeafRequest};
+
+use crate::argocd::{self, ClientTls, ClusterRegistration};
+use crate::bundle::{self, BundleInput};
+use crate::crd::ProxiedCluster;
+use crate::pki::tls_secret;
+use crate::reconcile::{BUNDLE_KEY, CLUSTERS_KEY, bundle_secret_name, server_entry};
+use crate::settings::{Settings, url_host};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-tether",
+    version,
+    about = "tether's kubectl plugin: bundles and status"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The agent install bundle of a ProxiedCluster.
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+    /// Clusters, their connection and certificate expiry.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCommand {
+    /// Writes the bundle the operator rendered, for `kubectl apply -f` in the customer cluster.
+    Export(ExportArgs),
+    /// Renders a bundle offline from a ProxiedCluster manifest, with a CA kept in a directory.
+    Render(RenderArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    pub name: String,
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    /// Output file (`-` for stdout). Required: the bundle contains secrets.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// ProxiedCluster manifest (YAML).
+    #[arg(short = 'f', long)]
+    pub file: PathBuf,
+    /// Holds the CA (ca.crt, ca.key) and each cluster's token (tokens/<id>);
+    /// created on first use, reused after.
+    #[arg(long)]
+    pub ca_dir: PathBuf,
+    /// Output file for the agent bundle.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Where the server side goes: clusters.json (merged across renders),
+    /// tls.crt/tls.key/ca.crt for tether-server, argocd.crt/argocd.key, and
+    /// server-objects.yaml with the same as Kubernetes Secrets.
+    /// Default: `tether-server/` beside the bundle.
+    #[arg(long)]
+    pub server_dir: Option<PathBuf>,
+    /// Agent image (default: the operator's default).
+    #[arg(long)]
+    pub image: Option<String>,
+    /// URL agents dial when the manifest has no spec.publicUrl.
+    #[arg(long)]
+    pub public_url: Option<String>,
+    /// Extra DNS names for tether-server's certificate.
+    #[arg(long = "server-hostname")]
+    pub server_hostnames: Vec<String>,
+    /// Namespace tether-server runs in (for its certificate and Secrets).
+    #[arg(long, default_value = "tether-system")]
+    pub server_namespace: String,
+    #[arg(long, default_value = "argocd")]
+    pub argocd_namespace: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub name: Option<String>,
+    #[arg(short, long)]
+    pub namespace: Option<String>,
+    #[arg(short = 'A', long)]
+    pub all_namespaces: bool,
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Bundle(BundleCommand::Export(args)) => export(args).await,
+        Command::Bundle(BundleCommand::Render(args)) => render(args),
+        Command::Status(args) => status(args).await,
+    }
+}
+
+async fn client_and_namespace(namespace: Option<String>) -> anyhow::Result<(Client, String)> {
+    let config = kube::Config::infer()
+        .await
+        .context("no Kubernetes configuration (KUBECONFIG or in-cluster)")?;
+    let namespace = namespace.unwrap_or_else(|| config.default_namespace.clone());
+    Ok((Client::try_from(config)?, namespace))
+}
+
+/// Splits a bundle into its header's declared hash and its body's real one.
+fn check_bundle(yaml: &str) -> anyhow::Result<String> {
+    let declared = yaml
+        .lines()
+        .find_map(|l| l.strip_prefix("# sha256 of the non-comment lines: "))
+        .context("the bundle has no sha256 header")?
+        .to_owned();
+    let body: String = yaml
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let actual = hex::encode(Sha256::digest(body.as_bytes()));
+    if actual != declared {
+        bail!("the bundle's body does not match its sha256 header ({declared}); it was altered");
+    }
+    Ok(actual)
+}
+
+/// Writes secret material to `output`: a file (mode 0600) or, only when
+/// asked with `-`, stdout.
+fn write_secret_output(output: &Path, contents: &str) -> anyhow::Result<()> {
+    if output == Path::new("-") {
+        std::io::stdout().write_all(contents.as_bytes())?;
+        return Ok(());
+    }
+    write_private(output, contents.as_bytes())
+}
+
+fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(contents)?;
+    Ok(())
+}
+
+async fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let Some(output) = args.output else {
+        bail!("the bundle contains the agent token and key: pass -o FILE (or -o - for stdout)");
+    };
+    let (client, namespace) = client_and_namespace(args.namespace).await?;
+    let clusters: Api<ProxiedCluster> = Api::namespaced(client.clone(), &namespace);
+    let pc = clusters
+        .get_opt(&args.name)
+        .await?
+        .with_context(|| format!("no ProxiedCluster {namespace}/{}", args.name))?;
+    let secrets: Api<Secret> = Api::namespaced(client, &namespace);
+    let name = bundle_secret_name(&pc);
+    let secret = secrets.get_opt(&name).await?.with_context(|| {
+        format!(
+            "no bundle yet (Secret {namespace}/{name}); see `kubectl describe proxiedcluster {}`",
+            args.name
+        )
+    })?;
+    let yaml = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(BUNDLE_KEY))
+        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+        .with_context(|| format!("Secret {name} has no {BUNDLE_KEY}"))?;
+    let sha256 = check_bundle(&yaml)?;
+    write_secret_output(&output, &yaml)?;
+    eprintln!(
+        "bundle for cluster {} written to {} (sha256 {sha256}); it contains secrets: hand it over as one",
+        pc.cluster_id(),
+        output.display()
+    );
+    Ok(())
+}
+
+/// A CA in a directory: ca.crt, ca.key; created when absent.
+fn load_or_create_ca(dir: &Path) -> anyhow::Result<CertificateAuthority> {
+    let (cert, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    if cert.exists() && key.exists() {
+        let ca = CertificateAuthority::from_pem(
+            &std::fs::read_to_string(&cert)?,
+            &std::fs::read_to_string(&key)?,
+        )
+        .with_context(|| format!("loading the CA from {}", dir.display()))?;
+        return Ok(ca);
+    }
+    let ca =
+        CertificateAuthority::generate("tether CA", Duration::from_secs(10 * 365 * 24 * 3600))?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(&cert, ca.cert_pem())?;
+    write_private(&key, ca.key_pem().as_bytes())?;
+    eprintln!("created a new CA in {}", dir.display());
+    Ok(ca)
+}
+
+/// A leaf kept as `<stem>.crt`/`<stem>.key`, reissued when missing or due.
+fn load_or_issue(
+    dir: &Path,
+    stem: &str,
+    ca: &CertificateAuthority,
+    request: &LeafRequest,
+) -> anyhow::Result<Issued> {
+    let (cert, key) = (
+        dir.join(format!("{stem}.crt")),
+        dir.join(format!("{stem}.key")),
+    );
+    if let (Ok(cert_pem), Ok(key_pem)) = (
+        std::fs::read_to_string(&cert),
+        std::fs::read_to_string(&key),
+    ) && let Ok(info) = CertInfo::from_pem(&cert_pem)
+        && !info.due(std::time::SystemTime::now())
+    {
+        return Ok(Issued {
+            cert_pem,
+            key_pem,
+            not_after: info.not_after,
+        });
+    }
+    let issued = ca.issue(request)?;
+    std::fs::write(&cert, &issued.cert_pem)?;
+    write_private(&key, issued.key_pem.as_bytes())?;
+    Ok(issued)
+}
+
+fn render(args: RenderArgs) -> anyhow::Result<()> {
+    tether::install_crypto_provider();
+    let manifest = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("reading {}", args.file.display()))?;
+    let pc: ProxiedCluster = serde_yaml_ng::from_str(&manifest)
+        .with_context(|| format!("{} is not a ProxiedCluster", args.file.display()))?;
+    let id = pc.cluster_id();
+    if !tether::clusters::is_dns_label(&id) {
+        bail!("cluster id {id:?} is not a DNS label");
+    }
+    let public_url = pc
+        .spec
+        .public_url
+        .clone()
+        .or(args.public_url.clone())
+        .context("no public URL: set spec.publicUrl or pass --public-url")?;
+    let lifetime = humantime::parse_duration(&pc.spec.certificates.agent_duration)
+        .context("spec.certificates.agentDuration")?;
+    let ca = load_or_create_ca(&args.ca_dir)?;
+
+    // The token is kept beside the CA so a re-render reuses it.
+    let token_path = args.ca_dir.join("tokens").join(&id);
+    let token = match std::fs::read_to_string(&token_path) {
+        Ok(token) if !token.trim().is_empty() => token.trim().to_owned(),
+        _ => {
+            let mut bytes = [0u8; 32];
+            rand::RngCore::fill_bytes(&mut rand::rng(), &mut bytes);
+            let token = hex::encode(bytes);
+            write_private(&token_path, token.as_bytes())?;
+            token
+        }
+    };
+    let agent = ca.issue(&LeafRequest::agent(&id, lifetime))?;
+
+    // The server side: what tether-server and ArgoCD need.
+    let mut settings = Settings::defaults();
+    settings.namespace = args.server_namespace.clone();
+    settings.argocd_namespace = args.argocd_namespace.clone();
+    settings.public_url = Some(public_url.clone());
+    settings.server_hostnames = args.server_hostnames.clone();
+    let server_dir = args.server_dir.clone().unwrap_or_else(|| {
+        args.output
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("tether-server")
+    });
+    std::fs::create_dir_all(&server_dir)?;
+    let mut server_request =
+        LeafRequest::server("tether-server", &[], &[], settings.server_cert_duration);
+    server_request.dns_names = settings.server_dns_names();
+    let server_cert = load_or_issue(&server_dir, "tls", &ca, &server_request)?;
+    let argocd_cert = load_or_issue(
+        &server_dir,
+        "argocd",
+        &ca,
+        &LeafRequest::client("argocd", settings.argocd_cert_duration),
+    )?;
+    std::fs::write(server_dir.join("ca.crt"), ca.cert_pem())?;
+
+    let clusters_path = server_dir.join(CLUSTERS_KEY);
+    let mut entries: Vec<serde_json::Value> = std::fs::read_to_string(&clusters_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    entries.retain(|e| e["id"] != id.as_str());
+    let token_sha256 = hex::encode(Sha256::digest(token.as_bytes()));
+    let resource = format!(
+        "{}/{}",
+        pc.namespace().unwrap_or_else(|| "default".into()),
+        pc.name_any()
+    );
+    entries.push(server_entry(
+        &id,
+        (&token_sha256, &pc.spec.target_address, &resource),
+    ));
+    entries.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    let clusters_json = serde_json::to_string_pretty(&entries)?;
+    std::fs::write(&clusters_path, &clusters_json)?;
+
+    let argocd_tls = ClientTls {
+        ca_pem: ca.cert_pem().to_owned(),
+        cert_pem: argocd_cert.cert_pem.clone(),
+        key_pem: argocd_cert.key_pem.clone(),
+    };
+    let server_url = settings.tunnel_url(&id);
+    let owner_name = pc.name_any();
+    let owner_namespace = pc.namespace().unwrap_or_else(|| "default".into());
+    let registration = argocd::cluster_secret(&ClusterRegistration {
+        secret_name: &argocd::secret_name(&id),
+        namespace: &args.argocd_namespace,
+        display_name: &id,
+        server: &server_url,
+        project: pc.spec.argocd.project.as_deref(),
+        extra_labels: &pc.spec.argocd.labels,
+        annotations: &pc.spec.argocd.annotations,
+        owner: (&owner_namespace, &owner_name),
+        tls: Some(&argocd_tls),
+    });
+    let mut clusters_secret = Secret::default();
+    clusters_secret.metadata.name = Some(settings.clusters_secret.clone());
+    clusters_secret.metadata.namespace = Some(settings.namespace.clone());
+    clusters_secret.data = Some(
+        [(
+            CLUSTERS_KEY.to_owned(),
+            k8s_openapi::ByteString(clusters_json.into_bytes()),
+        )]
+        .into(),
+    );
+    let objects = [
+        clusters_secret,
+        tls_secret(
+            &settings.server_tls_secret,
+            &settings.namespace,
+            &server_cert,
+            ca.cert_pem(),
+        ),
+        tls_secret(
+            &settings.argocd_tls_secret,
+            &settings.namespace,
+            &argocd_cert,
+            ca.cert_pem(),
+        ),
+        registration,
+    ];
+    let mut server_objects = String::from(
+        "# tether server-side objects for the management cluster (contains secrets)\n",
+    );
+    for object in &objects {
+        server_objects.push_str("---\n");
+        server_objects.push_str(&serde_yaml_ng::to_string(object)?);
+    }
+    write_private(
+        &server_dir.join("server-objects.yaml"),
+        server_objects.as_bytes(),
+    )?;
+
+    let input = BundleInput::for_cluster(
+        &pc,
+        &settings.agent_image,
+        Some(&public_url),
+        &token,
+        &agent,
+        ca.cert_pem(),
+    );
+    let input = BundleInput {
+        image: args.image.clone().unwrap_or(input.image.clone()),
+        ..input
+    };
+    let rendered = bundle::render(&input)?;
+    write_secret_output(&args.output, &rendered.yaml)?;
+    eprintln!(
+        "bundle for cluster {id} written to {} (sha256 {}); server side in {}; url for {}: {}",
+        args.output.display(),
+        rendered.sha256,
+        server_dir.display(),
+        url_host(&public_url).unwrap_or("?"),
+        server_url,
+    );
+    Ok(())
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    let (client, namespace) = client_and_namespace(args.namespace).await?;
+    let api: Api<ProxiedCluster> = if args.all_namespaces {
+        Api::all(client)
+    } else {
+        Api::namespaced(client, &namespace)
+    };
+    let mut items = match &args.name {
+        Some(name) => vec![api.get(name).await?],
+        None => api.list(&ListParams::default()).await?.items,
+    };
+    items.sort_by_key(|pc| (pc.namespace(), pc.name_any()));
+    print!("{}", status_table(&items));
+    Ok(())
+}
+
+/// The `kubectl tether status` table.
+pub fn status_table(items: &[ProxiedCluster]) -> String {
+    let mut rows = vec![[
+        "NAMESPACE".to_owned(),
+        "NAME".into(),
+        "ID".into(),
+        "READY".into(),
+        "CONNECTED".into(),
+        "AGENT".into(),
+        "LAST SEEN".into(),
+        "CERT EXPIRES".into(),
+    ]];
+    for pc in items {
+        let status = pc.status.clone().unwrap_or_default();
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map_or("Unknown".to_owned(), |c| {
+                if c.status == "True" {
+                    "True".into()
+                } else {
+                    format!("False ({})", c.reason)
+                }
+            });
+        let connection = status.connection.clone().unwrap_or_default();
+        rows.push([
+            pc.namespace().unwrap_or_default(),
+            pc.name_any(),
+            status.cluster_id.clone().unwrap_or_else(|| pc.cluster_id()),
+            ready,
+            if status.connection.is_some() {
+                connection.connected.to_string()
+            } else {
+                "never".into()
+            },
+            connection.agent_version.unwrap_or_else(|| "-".into()),
+            connection.last_seen.map_or("-".into(), |t| t.0.to_string()),
+            status
+                .certificates
+                .and_then(|c| c.agent_not_after)
+                .map_or("-".into(), |t| t.0.to_string()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect();
+            format!("{}\n", cells.join("   ").trim_end())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tampered_bundles_are_detected() {
+        let yaml = "# sha256 of the non-comment lines: x\n---\nkind: Namespace\n";
+        assert!(check_bundle(yaml).is_err());
+        let body = "---\nkind: Namespace\n";
+        let good = format!(
+            "# sha256 of the non-comment lines: {}\n{body}",
+            hex::encode(Sha256::digest(body))
+        );
+        assert!(check_bundle(&good).is_ok());
+        assert!(check_bundle(&good.replace("Namespace", "Nemaspace")).is_err());
+    }
+}

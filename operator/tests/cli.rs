@@ -1,0 +1,376 @@
+//! `kubectl tether`: offline rendering driving a real server and agent, and
+//! export/status against the in-memory API.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tether::agent::{Agent, AgentArgs};
+use tether::fake_apiserver::FakeApiServer;
+use tether::pki::{CertificateAuthority, LeafRequest};
+use tether::server::{RunningServer, ServerArgs};
+use tether::tls::ServerTlsFiles;
+use tether_operator::fake_api::FakeApi;
+use tether_operator::settings::Settings;
+use tokio_util::sync::CancellationToken;
+
+const CLI: &str = env!("CARGO_BIN_EXE_kubectl-tether");
+
+fn kubectl_tether(args: &[&str], kubeconfig: Option<&Path>) -> std::process::Output {
+    let mut command = Command::new(CLI);
+    command.args(args);
+    if let Some(path) = kubeconfig {
+        command.env("KUBECONFIG", path);
+    }
+    command.output().expect("kubectl-tether runs")
+}
+
+fn manifest(name: &str, public_url: &str, target: &str) -> String {
+    format!(
+        "apiVersion: tether.dev/v1alpha1\nkind: ProxiedCluster\nmetadata:\n  name: {name}\n  namespace: tenants\nspec:\n  publicUrl: {public_url}\n  targetAddress: \"{target}\"\n"
+    )
+}
+
+/// The agent Secret's data from a rendered bundle, written as files.
+fn agent_files(bundle: &str, dir: &Path) -> Value {
+    let secret = serde_yaml_ng::Deserializer::from_str(bundle)
+        .map(|doc| Value::deserialize(doc).expect("yaml"))
+        .find(|doc| doc["kind"] == "Secret")
+        .expect("agent Secret");
+    use base64::Engine;
+    let mut paths = json!({});
+    for key in ["token", "tls.crt", "tls.key", "ca.crt"] {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(secret["data"][key].as_str().expect("data"))
+            .expect("base64");
+        let path = dir.join(key);
+        std::fs::write(&path, bytes).expect("write");
+        paths[key] = json!(path.display().to_string());
+    }
+    paths
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "timed out: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_render_runs_a_real_tunnel_and_keeps_clusters_apart() {
+    tether::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // The customer's API server.
+    let customer_ca =
+        CertificateAuthority::generate("customer CA", Duration::from_secs(3600)).expect("CA");
+    let leaf = customer_ca
+        .issue(&LeafRequest::server(
+            "api",
+            &["localhost"],
+            &["127.0.0.1".parse().expect("ip")],
+            Duration::from_secs(3600),
+        ))
+        .expect("leaf");
+    std::fs::write(d.join("api.crt"), &leaf.cert_pem).expect("write");
+    std::fs::write(d.join("api.key"), &leaf.key_pem).expect("write");
+    std::fs::write(d.join("customer-ca.crt"), customer_ca.cert_pem()).expect("write");
+    std::fs::write(d.join("sa-token"), "sa").expect("write");
+    let backend = FakeApiServer::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind"),
+        Some(ServerTlsFiles {
+            cert: d.join("api.crt"),
+            key: d.join("api.key"),
+            client_ca: None,
+        }),
+        d.join("sa-token"),
+    )
+    .await
+    .expect("backend");
+
+    // Render two clusters offline with one CA directory.
+    let public = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let url = format!("wss://localhost:{public}");
+    for name in ["acme", "globex"] {
+        std::fs::write(
+            d.join(format!("{name}.yaml")),
+            manifest(name, &url, &backend.addr.to_string()),
+        )
+        .expect("write");
+        let out = kubectl_tether(
+            &[
+                "bundle",
+                "render",
+                "-f",
+                &d.join(format!("{name}.yaml")).display().to_string(),
+                "--ca-dir",
+                &d.join("ca").display().to_string(),
+                "-o",
+                &d.join(format!("{name}-agent.yaml")).display().to_string(),
+                "--server-dir",
+                &d.join("server").display().to_string(),
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "render {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout.is_empty(), "nothing secret on the terminal");
+    }
+    let clusters: Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("server/clusters.json")).expect("read"),
+    )
+    .expect("json");
+    assert_eq!(clusters.as_array().map(Vec::len), Some(2), "{clusters}");
+    let server_objects =
+        std::fs::read_to_string(d.join("server/server-objects.yaml")).expect("objects");
+    assert!(server_objects.contains("argocd.argoproj.io/secret-type: cluster"));
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.join("acme-agent.yaml"))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "bundles are written private");
+    }
+
+    // tether-server straight from the rendered server side, mTLS on.
+    let server = RunningServer::start(ServerArgs::parse_from([
+        "tether-server",
+        "--addr",
+        &format!("127.0.0.1:{public}"),
+        "--internal-addr",
+        "127.0.0.1:0",
+        "--clusters",
+        &d.join("server/clusters.json").display().to_string(),
+        "--tls-cert",
+        &d.join("server/tls.crt").display().to_string(),
+        "--tls-key",
+        &d.join("server/tls.key").display().to_string(),
+        "--tls-client-ca",
+        &d.join("server/ca.crt").display().to_string(),
+    ]))
+    .await
+    .expect("server");
+
+    let agent_args = |token: &Value, cert: &Value| {
+        AgentArgs::parse_from([
+            "tether-agent",
+            "--server",
+            &url,
+            "--token-file",
+            token.as_str().expect("path"),
+            "--client-cert",
+            cert["tls.crt"].as_str().expect("path"),
+            "--client-key",
+            cert["tls.key"].as_str().expect("path"),
+            "--server-ca-cert",
+            cert["ca.crt"].as_str().expect("path"),
+            "--target",
+            &backend.addr.to_string(),
+            "--ca-cert",
+            &d.join("customer-ca.crt").display().to_string(),
+            "--sa-token-path",
+            &d.join("sa-token").display().to_string(),
+            "--health-addr",
+            "127.0.0.1:0",
+            "--max-retry",
+            "30s",
+        ])
+    };
+    std::fs::create_dir_all(d.join("acme-files")).expect("dir");
+    std::fs::create_dir_all(d.join("globex-files")).expect("dir");
+    let acme = agent_files(
+        &std::fs::read_to_string(d.join("acme-agent.yaml")).expect("read"),
+        &d.join("acme-files"),
+    );
+    let globex = agent_files(
+        &std::fs::read_to_string(d.join("globex-agent.yaml")).expect("read"),
+        &d.join("globex-files"),
+    );
+
+    // globex's token with acme's certificate is refused and counted.
+    let crossed = Agent::start(agent_args(&globex["token"], &acme))
+        .await
+        .expect("agent");
+    eventually("identity mismatch counted", || {
+        server
+            .metrics_text()
+            .contains("tunnel_identity_mismatch_total 1")
+    })
+    .await;
+    assert!(!crossed.is_connected());
+    crossed.shutdown().await;
+
+    let _agent = Agent::start(agent_args(&acme["token"], &acme))
+        .await
+        .expect("agent");
+    eventually("acme connects", || server.is_connected("acme")).await;
+    // ArgoCD's rendered client certificate reaches the backend through the tunnel.
+    let identity = (
+        tether::tls::load_certs(&d.join("server/argocd.crt")).expect("cert"),
+        tether::tls::load_key(&d.join("server/argocd.key")).expect("key"),
+    );
+    let config = tether::tls::client_config(
+        tether::tls::load_roots(&d.join("server/ca.crt")).expect("roots"),
+        Some(identity),
+    )
+    .expect("config");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(server.internal_addr)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("tether-server-internal.tether-system.svc")
+        .expect("name");
+    let mut tls = connector.connect(name, tcp).await.expect("mTLS");
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    tls.write_all(
+        b"GET /tunnel/acme/api/v1/namespaces HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.expect("read");
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("NamespaceList"),
+        "{answer}"
+    );
+
+    // Re-rendering reuses the token (GitOps-friendly).
+    let token_before =
+        std::fs::read_to_string(acme["token"].as_str().expect("path")).expect("read");
+    let out = kubectl_tether(
+        &[
+            "bundle",
+            "render",
+            "-f",
+            &d.join("acme.yaml").display().to_string(),
+            "--ca-dir",
+            &d.join("ca").display().to_string(),
+            "-o",
+            &d.join("again.yaml").display().to_string(),
+            "--server-dir",
+            &d.join("server").display().to_string(),
+        ],
+        None,
+    );
+    assert!(out.status.success());
+    std::fs::create_dir_all(d.join("again-files")).expect("dir");
+    let again = agent_files(
+        &std::fs::read_to_string(d.join("again.yaml")).expect("read"),
+        &d.join("again-files"),
+    );
+    assert_eq!(
+        std::fs::read_to_string(again["token"].as_str().expect("path")).expect("read"),
+        token_before
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_and_status_read_from_the_cluster() {
+    tether::install_crypto_provider();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let api = FakeApi::start().await.expect("fake API");
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig, format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: u\n    namespace: tenants\ncurrent-context: fake\n",
+        api.addr
+    )).expect("kubeconfig");
+    let mut settings = Settings::defaults();
+    settings.leader_election = false;
+    settings.public_url = Some("wss://tether.example.com:8443".into());
+    let stop = CancellationToken::new();
+    let operator = tokio::spawn(tether_operator::run(api.client(), settings, stop.clone()));
+    let pc: tether_operator::crd::ProxiedCluster = serde_yaml_ng::from_str(&manifest(
+        "acme",
+        "wss://tether.example.com:8443",
+        "kubernetes.default.svc:443",
+    ))
+    .expect("pc");
+    kube::Api::<tether_operator::crd::ProxiedCluster>::namespaced(api.client(), "tenants")
+        .create(&kube::api::PostParams::default(), &pc)
+        .await
+        .expect("create");
+    eventually("bundle rendered", || {
+        api.get("/api/v1/namespaces/tenants/secrets/acme-tether-bundle")
+            .is_some()
+    })
+    .await;
+
+    let refused = kubectl_tether(&["bundle", "export", "acme"], Some(&kubeconfig));
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("pass -o FILE"));
+    assert!(refused.stdout.is_empty());
+
+    let out_file = dir.path().join("agent.yaml");
+    let exported = kubectl_tether(
+        &[
+            "bundle",
+            "export",
+            "acme",
+            "-o",
+            &out_file.display().to_string(),
+        ],
+        Some(&kubeconfig),
+    );
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let stored = api
+        .get("/api/v1/namespaces/tenants/secrets/acme-tether-bundle")
+        .expect("secret");
+    use base64::Engine;
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(stored["data"]["bundle.yaml"].as_str().expect("data"))
+        .expect("b64");
+    assert_eq!(std::fs::read(&out_file).expect("read"), stored);
+
+    eventually("ready", || {
+        api.get("/apis/tether.dev/v1alpha1/namespaces/tenants/proxiedclusters/acme")
+            .is_some_and(|pc| {
+                pc["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            })
+    })
+    .await;
+    let status = kubectl_tether(&["status", "-A"], Some(&kubeconfig));
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("tenants"))
+        .expect("a row for acme");
+    assert!(
+        row.contains("acme") && row.contains("True") && row.contains("never"),
+        "{table}"
+    );
+    stop.cancel();
+    let _ = operator.await;
+}
