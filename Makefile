@@ -1,7 +1,7 @@
 # tether: one entry point for building, testing and running locally.
 CARGO ?= cargo
 
-.PHONY: build release test lint fmt demo crds run-operator clean
+.PHONY: build release test lint fmt demo crds run-operator e2e clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -29,6 +29,11 @@ crds:
 run-operator:
 	kubectl apply -f crds/
 	$(CARGO) run -p tether-operator --bin tether-operator -- --namespace $${NAMESPACE:-tether-system} --leader-election=false
+
+## Against a real cluster: TETHER_E2E_KUBECONFIG=path make e2e (skips without it).
+e2e:
+	$(CARGO) build --workspace --bins
+	$(CARGO) test -p tether-e2e -- --nocapture --test-threads=1
 
 ## tether's main job on this machine, no cluster needed.
 demo: release

@@ -1,0 +1,1 @@
+//! tether end-to-end tests against a real cluster live in `tests/`.

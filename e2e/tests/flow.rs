@@ -1,0 +1,430 @@
+//! The whole path against a real kube-apiserver: CRD, operator, server,
+//! bundle, agent, ArgoCD's view, deletion. Skipped unless
+//! TETHER_E2E_KUBECONFIG names a cluster.
+
+mod support;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use support::{Kubectl, Process, eventually, free_port};
+
+const CRD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../crds/proxiedclusters.tether.dev.yaml"
+);
+
+fn proxied_cluster(
+    name: &str,
+    namespace: &str,
+    target: &str,
+    public_port: u16,
+    agent_namespace: &str,
+) -> String {
+    format!(
+        "apiVersion: tether.dev/v1alpha1\nkind: ProxiedCluster\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  targetAddress: \"{target}\"\n  publicUrl: wss://localhost:{public_port}\n  agent:\n    namespace: {agent_namespace}\n"
+    )
+}
+
+fn secret_file(k: &Kubectl, namespace: &str, name: &str, key: &str, path: &Path) {
+    let escaped = key.replace('.', "\\.");
+    let data = k.ok(&[
+        "get",
+        "secret",
+        name,
+        "-n",
+        namespace,
+        "-o",
+        &format!("jsonpath={{.data.{escaped}}}"),
+    ]);
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data.trim())
+        .expect("base64");
+    std::fs::write(path, bytes).expect("write");
+}
+
+#[test]
+fn a_proxied_cluster_end_to_end() {
+    let Some(kubeconfig) = support::cluster() else {
+        return;
+    };
+    let k = Kubectl {
+        kubeconfig: kubeconfig.clone(),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let run = std::process::id();
+    let (tenants, argocd, system, agent_ns) = (
+        format!("tenants-{run}"),
+        format!("argocd-{run}"),
+        format!("tether-{run}"),
+        format!("tether-agent-{run}"),
+    );
+
+    // The CRD applies, is structural and explains itself.
+    k.ok(&["apply", "--server-side", "-f", CRD]);
+    k.ok(&[
+        "wait",
+        "--for",
+        "condition=established",
+        "crd/proxiedclusters.tether.dev",
+        "--timeout=60s",
+    ]);
+    let explained = k.ok(&["explain", "proxiedcluster.spec"]);
+    assert!(
+        explained.contains("targetAddress") && explained.contains("tokenRotation"),
+        "{explained}"
+    );
+    for namespace in [&tenants, &argocd, &system] {
+        k.ok(&["create", "namespace", namespace]);
+    }
+
+    // Invalid specs are refused by the schema with readable messages.
+    let bad = "apiVersion: tether.dev/v1alpha1\nkind: ProxiedCluster\nmetadata:\n  name: bad\nspec:\n  clusterId: Not_A_Label\n  agent:\n    replicas: 3\n";
+    let refused = k.apply_stdin(bad, &["-n", &tenants]);
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "invalid ProxiedCluster accepted");
+    assert!(
+        message.contains("spec.clusterId") && message.contains("spec.agent.replicas"),
+        "{message}"
+    );
+
+    // The operator, as a process with this kubeconfig.
+    let (public, internal) = (free_port(), free_port());
+    let kube_env = [("KUBECONFIG", kubeconfig.as_path())];
+    let _operator = Process::spawn(
+        "tether-operator",
+        &[
+            "--namespace",
+            &system,
+            "--argocd-namespace",
+            &argocd,
+            "--public-url",
+            &format!("wss://localhost:{public}"),
+            "--server-hostnames",
+            "localhost",
+            "--lease-name",
+            &format!("tether-operator-{run}"),
+            "--lease-duration",
+            "5s",
+        ]
+        .map(str::to_owned),
+        &kube_env,
+        d.join("operator.log"),
+    );
+
+    let (api_server, api_ca) = k.server_and_ca(d);
+    let target = api_server
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .to_owned();
+    let pc = proxied_cluster("acme", &tenants, &target, public, &agent_ns);
+    let applied = k.apply_stdin(&pc, &[]);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    eventually(Duration::from_secs(60), "ProxiedCluster Ready", || {
+        let pc = k.json(&["get", "proxiedcluster", "acme", "-n", &tenants]);
+        let ready = pc["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True");
+        ready.then_some(())
+    });
+    let argocd_secret = k.json(&["get", "secret", "tether-acme", "-n", &argocd]);
+    assert_eq!(
+        argocd_secret["metadata"]["labels"]["argocd.argoproj.io/secret-type"],
+        "cluster"
+    );
+    let events = k.ok(&[
+        "get",
+        "events",
+        "-n",
+        &tenants,
+        "--field-selector",
+        "involvedObject.name=acme",
+        "-o",
+        "name",
+    ]);
+    let reasons = k.ok(&[
+        "get",
+        "events",
+        "-n",
+        &tenants,
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ]);
+    assert!(
+        !events.is_empty() && reasons.contains("TokenIssued") && reasons.contains("BundleRendered"),
+        "{reasons}"
+    );
+
+    // tether-server with the operator's certificate, learning clusters from the API.
+    for (key, file) in [
+        ("tls.crt", "server.crt"),
+        ("tls.key", "server.key"),
+        ("ca.crt", "ca.crt"),
+    ] {
+        secret_file(&k, &system, "tether-server-tls", key, &d.join(file));
+    }
+    let _server = Process::spawn(
+        "tether-server",
+        &[
+            "--addr".to_owned(),
+            format!("127.0.0.1:{public}"),
+            "--internal-addr".to_owned(),
+            format!("127.0.0.1:{internal}"),
+            "--clusters-secret".to_owned(),
+            format!("{system}/tether-clusters"),
+            "--replica-name".to_owned(),
+            "e2e-server".to_owned(),
+            "--tls-cert".to_owned(),
+            d.join("server.crt").display().to_string(),
+            "--tls-key".to_owned(),
+            d.join("server.key").display().to_string(),
+            "--tls-client-ca".to_owned(),
+            d.join("ca.crt").display().to_string(),
+        ],
+        &kube_env,
+        d.join("server.log"),
+    );
+
+    // The bundle leaves as one file and applies cleanly.
+    let bundle = d.join("agent.yaml");
+    let export = Command::new(support::binary("kubectl-tether"))
+        .args([
+            "bundle",
+            "export",
+            "acme",
+            "-n",
+            &tenants,
+            "-o",
+            &bundle.display().to_string(),
+        ])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("kubectl-tether runs");
+    assert!(
+        export.status.success(),
+        "{}",
+        String::from_utf8_lossy(&export.stderr)
+    );
+    k.ok(&[
+        "apply",
+        "--dry-run=server",
+        "-f",
+        &bundle.display().to_string(),
+    ]);
+    k.ok(&["apply", "-f", &bundle.display().to_string()]);
+
+    // The agent, with the bundle's credentials and a real ServiceAccount token.
+    for key in ["token", "tls.crt", "tls.key", "ca.crt"] {
+        secret_file(
+            &k,
+            &agent_ns,
+            "tether-agent",
+            key,
+            &d.join(format!("agent-{key}")),
+        );
+    }
+    let sa_token = k.ok(&[
+        "create",
+        "token",
+        "tether-agent",
+        "-n",
+        &agent_ns,
+        "--duration",
+        "1h",
+    ]);
+    std::fs::write(d.join("sa-token"), sa_token.trim()).expect("write");
+    let _agent = Process::spawn(
+        "tether-agent",
+        &[
+            "--server".to_owned(),
+            format!("wss://localhost:{public}"),
+            "--token-file".to_owned(),
+            d.join("agent-token").display().to_string(),
+            "--client-cert".to_owned(),
+            d.join("agent-tls.crt").display().to_string(),
+            "--client-key".to_owned(),
+            d.join("agent-tls.key").display().to_string(),
+            "--server-ca-cert".to_owned(),
+            d.join("agent-ca.crt").display().to_string(),
+            "--target".to_owned(),
+            target.clone(),
+            "--ca-cert".to_owned(),
+            api_ca.display().to_string(),
+            "--sa-token-path".to_owned(),
+            d.join("sa-token").display().to_string(),
+            "--health-addr".to_owned(),
+            format!("127.0.0.1:{}", free_port()),
+        ],
+        &[],
+        d.join("agent.log"),
+    );
+    eventually(
+        Duration::from_secs(30),
+        "CONNECTED in kubectl get proxiedclusters",
+        || {
+            let table = k.ok(&["get", "proxiedclusters", "-n", &tenants]);
+            let row = table.lines().find(|l| l.starts_with("acme"))?.to_owned();
+            row.contains("true").then_some(row)
+        },
+    );
+    let table = k.ok(&["get", "proxiedclusters", "-n", &tenants]);
+    for column in [
+        "ID",
+        "CONNECTED",
+        "AGENT",
+        "LAST SEEN",
+        "CERT EXPIRES",
+        "AGE",
+    ] {
+        assert!(table.contains(column), "{table}");
+    }
+
+    // ArgoCD's view: only its client certificate, through the tunnel.
+    for (key, file) in [("tls.crt", "argocd.crt"), ("tls.key", "argocd.key")] {
+        secret_file(&k, &system, "tether-argocd-client-tls", key, &d.join(file));
+    }
+    let argocd_kubeconfig = d.join("argocd.kubeconfig");
+    std::fs::write(
+        &argocd_kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: acme\n  cluster:\n    server: https://localhost:{internal}/tunnel/acme\n    certificate-authority: {}\nusers:\n- name: argocd\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: acme\n  context: {{cluster: acme, user: argocd}}\ncurrent-context: acme\n",
+            d.join("ca.crt").display(),
+            d.join("argocd.crt").display(),
+            d.join("argocd.key").display()
+        ),
+    )
+    .expect("kubeconfig");
+    let through = Kubectl {
+        kubeconfig: argocd_kubeconfig,
+    };
+    let namespaces = through.ok(&["get", "namespaces", "-o", "name"]);
+    assert!(
+        namespaces.contains(&format!("namespace/{tenants}")),
+        "{namespaces}"
+    );
+    // The actor in the customer cluster is the agent's ServiceAccount.
+    let whoami = through.json(&["auth", "whoami"]);
+    let user = whoami["status"]["userInfo"]["username"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(
+        user,
+        format!("system:serviceaccount:{agent_ns}:tether-agent")
+    );
+
+    let work = format!("work-{run}");
+    through.ok(&["create", "namespace", &work]);
+    let manifests = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: {work}\ndata:\n  color: blue\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: {work}\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n      - name: web\n        image: registry.example/web:1\n"
+    );
+    let applied = through.apply_stdin(&manifests, &[]);
+    assert!(
+        applied.status.success(),
+        "apply through the tunnel: {}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+
+    // A watch through the tunnel sees a change.
+    let mut watch = Command::new("kubectl")
+        .args([
+            "--kubeconfig",
+            &through.kubeconfig.display().to_string(),
+            "get",
+            "configmap",
+            "settings",
+            "-n",
+            &work,
+            "--watch",
+            "--output-watch-events",
+            "-o",
+            "jsonpath={.type} {.object.data.color}{\"\\n\"}",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("watch starts");
+    std::thread::sleep(Duration::from_secs(2));
+    through.ok(&[
+        "patch",
+        "configmap",
+        "settings",
+        "-n",
+        &work,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"data":{"color":"green"}}"#,
+    ]);
+    let stdout = watch.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let saw = eventually(Duration::from_secs(20), "watch sees the change", || {
+        rx.try_recv()
+            .ok()
+            .filter(|line| line.contains("MODIFIED green"))
+    });
+    assert!(saw.contains("green"));
+    let _ = watch.kill();
+    through.ok(&["delete", "namespace", &work, "--wait=false"]);
+
+    // Deleting the ProxiedCluster removes what it owned, and the agent is cut off.
+    k.ok(&[
+        "delete",
+        "proxiedcluster",
+        "acme",
+        "-n",
+        &tenants,
+        "--wait=true",
+        "--timeout=60s",
+    ]);
+    let gone = k.run(&["get", "secret", "tether-acme", "-n", &argocd]);
+    assert!(
+        !gone.status.success(),
+        "ArgoCD Secret removed by the finalizer"
+    );
+    eventually(
+        Duration::from_secs(20),
+        "tunnel closed after deletion",
+        || {
+            through
+                .run(&["get", "namespaces"])
+                .status
+                .success()
+                .then_some(())
+                .is_none()
+                .then_some(())
+        },
+    );
+    // The garbage collector rediscovers new CRDs about every 30 s.
+    eventually(
+        Duration::from_secs(120),
+        "owned Secrets garbage-collected",
+        || {
+            let left = k.ok(&["get", "secrets", "-n", &tenants, "-o", "name"]);
+            (!left.contains("acme-tether")).then_some(())
+        },
+    );
+
+    for namespace in [&tenants, &argocd, &system, &agent_ns] {
+        let _ = k.run(&["delete", "namespace", namespace, "--wait=false"]);
+    }
+    let _ = k.run(&["delete", "clusterrole,clusterrolebinding", "tether-agent"]);
+}

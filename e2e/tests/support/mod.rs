@@ -1,0 +1,176 @@
+//! Shared by the real-cluster tests: the cluster from TETHER_E2E_KUBECONFIG,
+//! kubectl, tether's binaries as processes.
+#![allow(dead_code)] // each test binary uses a subset
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ENV: &str = "TETHER_E2E_KUBECONFIG";
+
+/// The kubeconfig of the cluster under test, or `None` (and a SKIP line)
+/// when the variable is unset.
+pub fn cluster() -> Option<PathBuf> {
+    match std::env::var_os(ENV) {
+        Some(path) => Some(PathBuf::from(path)),
+        None => {
+            eprintln!(
+                "SKIP: set {ENV} to a kubeconfig of a real cluster to run the e2e suite (see README)"
+            );
+            None
+        }
+    }
+}
+
+/// Where tether's binaries are: TETHER_BIN_DIR, or this workspace's
+/// target/debug (`make e2e` builds them first).
+pub fn binary(name: &str) -> PathBuf {
+    let dir = std::env::var_os("TETHER_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --bins` (make e2e does)",
+        path.display()
+    );
+    path
+}
+
+pub struct Kubectl {
+    pub kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    pub fn run(&self, args: &[&str]) -> Output {
+        Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl runs")
+    }
+
+    /// Runs and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub fn apply_stdin(&self, yaml: &str, extra: &[&str]) -> Output {
+        use std::io::Write;
+        let mut child = Command::new("kubectl")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .args(["apply", "-f", "-"])
+            .args(extra)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(yaml.as_bytes())
+            .expect("write");
+        child.wait_with_output().expect("kubectl ends")
+    }
+
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&all)).expect("JSON from kubectl")
+    }
+
+    /// The API server URL and CA file of the current context.
+    pub fn server_and_ca(&self, dir: &Path) -> (String, PathBuf) {
+        let config = self.json(&["config", "view", "--raw", "--minify"]);
+        let cluster = &config["clusters"][0]["cluster"];
+        let server = cluster["server"].as_str().expect("server").to_owned();
+        let ca = dir.join("apiserver-ca.crt");
+        match cluster["certificate-authority-data"].as_str() {
+            Some(data) => {
+                use base64::Engine;
+                let pem = base64::engine::general_purpose::STANDARD
+                    .decode(data)
+                    .expect("base64");
+                std::fs::write(&ca, pem).expect("write CA");
+            }
+            None => {
+                let file = cluster["certificate-authority"]
+                    .as_str()
+                    .expect("a CA for the API server");
+                std::fs::copy(file, &ca).expect("copy CA");
+            }
+        }
+        (server, ca)
+    }
+}
+
+/// A process that is killed when dropped; its stderr goes to a file.
+pub struct Process {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(binary: &str, args: &[String], envs: &[(&str, &Path)], log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).expect("log file");
+        let mut command = Command::new(self::binary(binary));
+        command
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        for (key, value) in envs {
+            command.env(key, value);
+        }
+        Self {
+            child: command.spawn().expect("process starts"),
+            log,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Polls `check` until it returns `Some`, or panics after `limit`.
+pub fn eventually<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?}: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
