@@ -383,6 +383,7 @@ fn a_proxied_cluster_end_to_end() {
     });
     assert!(saw.contains("green"));
     let _ = watch.kill();
+    let _ = watch.wait();
     through.ok(&["delete", "namespace", &work, "--wait=false"]);
 
     // Deleting the ProxiedCluster removes what it owned, and the agent is cut off.
