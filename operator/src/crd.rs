@@ -291,6 +291,27 @@ mod tests {
     }
 
     #[test]
+    fn example_manifests_are_valid_proxied_clusters() {
+        use serde::Deserialize;
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+        let mut found = 0;
+        for entry in std::fs::read_dir(dir).expect("examples/") {
+            let path = entry.expect("entry").path();
+            let text = std::fs::read_to_string(&path).expect("read");
+            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+                let value = serde_json::Value::deserialize(doc).expect("YAML");
+                if value["kind"] == "ProxiedCluster" {
+                    let pc: ProxiedCluster = serde_json::from_value(value)
+                        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                    assert!(tether::clusters::is_dns_label(&pc.cluster_id()));
+                    found += 1;
+                }
+            }
+        }
+        assert!(found >= 2, "examples hold ProxiedClusters");
+    }
+
+    #[test]
     fn defaults_fill_an_empty_spec() {
         let pc: ProxiedCluster = serde_json::from_value(serde_json::json!({
             "apiVersion": "tether.dev/v1alpha1", "kind": "ProxiedCluster",

@@ -14,6 +14,7 @@ pub mod reconcile;
 pub mod settings;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
@@ -30,11 +31,40 @@ use settings::Settings;
 
 /// Runs the controller until `stop` (or until leadership is lost, which is
 /// an error: the process exits and its replacement campaigns again).
+/// Probes: `/healthz` while the process runs; `/readyz` once it reconciles
+/// or stands by as a non-leader replica.
+async fn serve_health(
+    addr: std::net::SocketAddr,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let make = move |_conn| {
+        let ready = ready.clone();
+        hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let response = match request.uri().path() {
+                "/healthz" => tether::http::text(http::StatusCode::OK, "ok"),
+                "/readyz" if ready.load(Ordering::Relaxed) => {
+                    tether::http::text(http::StatusCode::OK, "ok")
+                }
+                "/readyz" => tether::http::text(http::StatusCode::SERVICE_UNAVAILABLE, "starting"),
+                _ => tether::http::text(http::StatusCode::NOT_FOUND, "not found"),
+            };
+            std::future::ready(Ok::<_, std::convert::Infallible>(response))
+        })
+    };
+    let grace = std::time::Duration::from_secs(1);
+    tokio::spawn(tether::listen::serve(listener, None, make, stop, grace));
+    Ok(())
+}
+
 pub async fn run(
     client: Client,
     settings: Settings,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
+    let ready = Arc::new(AtomicBool::new(false));
+    serve_health(settings.health_addr, ready.clone(), stop.clone()).await?;
     let identity = settings
         .identity
         .clone()
@@ -48,12 +78,15 @@ pub async fn run(
         )
     });
     if let Some(elector) = &elector {
+        // A standby replica is healthy and ready: it takes over on failover.
+        ready.store(true, Ordering::Relaxed);
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
             _ = elector.acquire() => {}
         }
     }
     let pki = pki::ensure_global(&client, &settings).await?;
+    ready.store(true, Ordering::Relaxed);
     let proxied = Api::<ProxiedCluster>::all(client.clone());
     let owned = Api::<Secret>::all(client.clone());
     let controller = Controller::new(proxied, watcher::Config::default()).owns(

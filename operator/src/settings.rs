@@ -83,6 +83,9 @@ pub struct Settings {
     pub identity: Option<String>,
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// `/healthz` and `/readyz` for the kubelet's probes.
+    #[arg(long, env = "HEALTH_ADDR", default_value = ":8081", value_parser = tether::server::parse_listen_addr)]
+    pub health_addr: std::net::SocketAddr,
 }
 
 impl Settings {

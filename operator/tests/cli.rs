@@ -296,6 +296,7 @@ async fn export_and_status_read_from_the_cluster() {
         api.addr
     )).expect("kubeconfig");
     let mut settings = Settings::defaults();
+    settings.health_addr = "127.0.0.1:0".parse().expect("addr");
     settings.leader_election = false;
     settings.public_url = Some("wss://tether.example.com:8443".into());
     let stop = CancellationToken::new();

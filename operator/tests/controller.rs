@@ -35,6 +35,7 @@ impl Drop for Operator {
 
 fn settings() -> Settings {
     let mut settings = Settings::defaults();
+    settings.health_addr = "127.0.0.1:0".parse().expect("addr");
     settings.public_url = Some("wss://tether.example.com:8443".into());
     settings.leader_election = false;
     settings

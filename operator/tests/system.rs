@@ -91,6 +91,7 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
 
     // The operator.
     let mut settings = Settings::defaults();
+    settings.health_addr = "127.0.0.1:0".parse().expect("addr");
     settings.leader_election = false;
     settings.public_url = Some("wss://localhost:1".into());
     let stop = CancellationToken::new();
