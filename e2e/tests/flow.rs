@@ -45,6 +45,45 @@ fn secret_file(k: &Kubectl, namespace: &str, name: &str, key: &str, path: &Path)
     std::fs::write(path, bytes).expect("write");
 }
 
+/// Removes what a run created, also when it fails half-way. The operator
+/// is gone by then, so finalizers are cleared first.
+struct Cleanup {
+    kubectl: Kubectl,
+    proxied: (String, String),
+    namespaces: Vec<String>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let (namespace, name) = &self.proxied;
+        let _ = self.kubectl.run(&[
+            "patch",
+            "proxiedcluster",
+            name,
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            r#"{"metadata":{"finalizers":null}}"#,
+        ]);
+        for namespace in &self.namespaces {
+            let _ = self.kubectl.run(&[
+                "delete",
+                "namespace",
+                namespace,
+                "--wait=false",
+                "--ignore-not-found",
+            ]);
+        }
+        let _ = self.kubectl.run(&[
+            "delete",
+            "clusterrole,clusterrolebinding",
+            "tether-agent",
+            "--ignore-not-found",
+        ]);
+    }
+}
+
 #[test]
 fn a_proxied_cluster_end_to_end() {
     let Some(kubeconfig) = support::cluster() else {
@@ -62,6 +101,19 @@ fn a_proxied_cluster_end_to_end() {
         format!("tether-{run}"),
         format!("tether-agent-{run}"),
     );
+    let id = format!("acme-{run}");
+    let _cleanup = Cleanup {
+        kubectl: Kubectl {
+            kubeconfig: kubeconfig.clone(),
+        },
+        proxied: (tenants.clone(), id.clone()),
+        namespaces: vec![
+            tenants.clone(),
+            argocd.clone(),
+            system.clone(),
+            agent_ns.clone(),
+        ],
+    };
 
     // The CRD applies, is structural and explains itself.
     k.ok(&["apply", "--server-side", "-f", CRD]);
@@ -72,7 +124,13 @@ fn a_proxied_cluster_end_to_end() {
         "crd/proxiedclusters.tether.dev",
         "--timeout=60s",
     ]);
-    let explained = k.ok(&["explain", "proxiedcluster.spec"]);
+    // The OpenAPI document follows the CRD by a few seconds.
+    let explained = eventually(Duration::from_secs(60), "kubectl explain", || {
+        let out = k.run(&["explain", "proxiedcluster.spec"]);
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    });
     assert!(
         explained.contains("targetAddress") && explained.contains("tokenRotation"),
         "{explained}"
@@ -120,7 +178,7 @@ fn a_proxied_cluster_end_to_end() {
         .trim_start_matches("https://")
         .trim_end_matches('/')
         .to_owned();
-    let pc = proxied_cluster("acme", &tenants, &target, public, &agent_ns);
+    let pc = proxied_cluster(&id, &tenants, &target, public, &agent_ns);
     let applied = k.apply_stdin(&pc, &[]);
     assert!(
         applied.status.success(),
@@ -128,14 +186,14 @@ fn a_proxied_cluster_end_to_end() {
         String::from_utf8_lossy(&applied.stderr)
     );
     eventually(Duration::from_secs(60), "ProxiedCluster Ready", || {
-        let pc = k.json(&["get", "proxiedcluster", "acme", "-n", &tenants]);
+        let pc = k.json(&["get", "proxiedcluster", &id, "-n", &tenants]);
         let ready = pc["status"]["conditions"]
             .as_array()?
             .iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True");
         ready.then_some(())
     });
-    let argocd_secret = k.json(&["get", "secret", "tether-acme", "-n", &argocd]);
+    let argocd_secret = k.json(&["get", "secret", &format!("tether-{id}"), "-n", &argocd]);
     assert_eq!(
         argocd_secret["metadata"]["labels"]["argocd.argoproj.io/secret-type"],
         "cluster"
@@ -146,7 +204,7 @@ fn a_proxied_cluster_end_to_end() {
         "-n",
         &tenants,
         "--field-selector",
-        "involvedObject.name=acme",
+        &format!("involvedObject.name={id}"),
         "-o",
         "name",
     ]);
@@ -199,7 +257,7 @@ fn a_proxied_cluster_end_to_end() {
         .args([
             "bundle",
             "export",
-            "acme",
+            &id,
             "-n",
             &tenants,
             "-o",
@@ -213,6 +271,9 @@ fn a_proxied_cluster_end_to_end() {
         "{}",
         String::from_utf8_lossy(&export.stderr)
     );
+    // A server-side dry run creates nothing, so the bundle's namespace must
+    // exist for its namespaced objects to be checked.
+    k.ok(&["create", "namespace", &agent_ns]);
     k.ok(&[
         "apply",
         "--dry-run=server",
@@ -271,7 +332,10 @@ fn a_proxied_cluster_end_to_end() {
         "CONNECTED in kubectl get proxiedclusters",
         || {
             let table = k.ok(&["get", "proxiedclusters", "-n", &tenants]);
-            let row = table.lines().find(|l| l.starts_with("acme"))?.to_owned();
+            let row = table
+                .lines()
+                .find(|l| l.starts_with(id.as_str()))?
+                .to_owned();
             row.contains("true").then_some(row)
         },
     );
@@ -295,7 +359,7 @@ fn a_proxied_cluster_end_to_end() {
     std::fs::write(
         &argocd_kubeconfig,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: acme\n  cluster:\n    server: https://localhost:{internal}/tunnel/acme\n    certificate-authority: {}\nusers:\n- name: argocd\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: acme\n  context: {{cluster: acme, user: argocd}}\ncurrent-context: acme\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: acme\n  cluster:\n    server: https://localhost:{internal}/tunnel/{id}\n    certificate-authority: {}\nusers:\n- name: argocd\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: acme\n  context: {{cluster: acme, user: argocd}}\ncurrent-context: acme\n",
             d.join("ca.crt").display(),
             d.join("argocd.crt").display(),
             d.join("argocd.key").display()
@@ -390,13 +454,13 @@ fn a_proxied_cluster_end_to_end() {
     k.ok(&[
         "delete",
         "proxiedcluster",
-        "acme",
+        &id,
         "-n",
         &tenants,
         "--wait=true",
         "--timeout=60s",
     ]);
-    let gone = k.run(&["get", "secret", "tether-acme", "-n", &argocd]);
+    let gone = k.run(&["get", "secret", &format!("tether-{id}"), "-n", &argocd]);
     assert!(
         !gone.status.success(),
         "ArgoCD Secret removed by the finalizer"
@@ -420,12 +484,7 @@ fn a_proxied_cluster_end_to_end() {
         "owned Secrets garbage-collected",
         || {
             let left = k.ok(&["get", "secrets", "-n", &tenants, "-o", "name"]);
-            (!left.contains("acme-tether")).then_some(())
+            (!left.contains(&format!("{id}-tether"))).then_some(())
         },
     );
-
-    for namespace in [&tenants, &argocd, &system, &agent_ns] {
-        let _ = k.run(&["delete", "namespace", namespace, "--wait=false"]);
-    }
-    let _ = k.run(&["delete", "clusterrole,clusterrolebinding", "tether-agent"]);
 }

@@ -31,7 +31,9 @@ pub const DEFAULT_AGENT_NAMESPACE: &str = "tether-agent";
     printcolumn = r#"{"name":"CONNECTED","type":"boolean","jsonPath":".status.connection.connected"}"#,
     printcolumn = r#"{"name":"AGENT","type":"string","jsonPath":".status.connection.agentVersion"}"#,
     printcolumn = r#"{"name":"LAST SEEN","type":"date","jsonPath":".status.connection.lastSeen"}"#,
-    printcolumn = r#"{"name":"CERT EXPIRES","type":"date","jsonPath":".status.certificates.agentNotAfter"}"#,
+    // A string, not a date: kubectl shows date columns as an age, and a
+    // future time has none (it prints <invalid>).
+    printcolumn = r#"{"name":"CERT EXPIRES","type":"string","jsonPath":".status.certificates.agentNotAfter"}"#,
     printcolumn = r#"{"name":"READY","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status","priority":1}"#,
     printcolumn = r#"{"name":"AGE","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
