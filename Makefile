@@ -58,7 +58,7 @@ run-operator:
 	$(CARGO) run -p tether-operator --bin tether-operator -- --namespace $${NAMESPACE:-tether-system} --leader-election=false
 
 ## Against a real cluster: TETHER_E2E_KUBECONFIG=path make e2e (skips without it).
-e2e:
+e2e: $(VENV)/.installed
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p tether-e2e -- --nocapture --test-threads=1
 

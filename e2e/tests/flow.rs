@@ -51,6 +51,7 @@ struct Cleanup {
     kubectl: Kubectl,
     proxied: (String, String),
     namespaces: Vec<String>,
+    cluster_scoped: Vec<String>,
 }
 
 impl Drop for Cleanup {
@@ -113,6 +114,11 @@ fn a_proxied_cluster_end_to_end() {
             system.clone(),
             agent_ns.clone(),
         ],
+        cluster_scoped: vec![
+            "tether-agent".into(),
+            format!("tether-{run}-operator"),
+            format!("tether-{run}-server"),
+        ],
     };
 
     // The CRD applies, is structural and explains itself.
@@ -150,8 +156,30 @@ fn a_proxied_cluster_end_to_end() {
     );
 
     // The operator, as a process with this kubeconfig.
+    // The management chart, as `helm install` would apply it (server-side
+    // dry run first); the operator and the server then run with exactly the
+    // chart's RBAC: tokens of its ServiceAccounts, not admin.
     let (public, internal) = (free_port(), free_port());
-    let kube_env = [("KUBECONFIG", kubeconfig.as_path())];
+    let release = format!("tether-{run}");
+    let values = serde_json::json!({"argocd": {"namespace": argocd}, "publicUrl": format!("wss://localhost:{public}")});
+    let chart = support::render_chart(&release, &system, &values);
+    let dry = k.apply_stdin(&chart, &["--dry-run=server"]);
+    assert!(
+        dry.status.success(),
+        "chart dry run: {}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let applied = k.apply_stdin(&chart, &[]);
+    assert!(
+        applied.status.success(),
+        "chart apply: {}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    let operator_kubeconfig =
+        support::service_account_kubeconfig(&k, &system, "tether-operator", d);
+    let server_kubeconfig = support::service_account_kubeconfig(&k, &system, "tether-server", d);
+    let operator_env = [("KUBECONFIG", operator_kubeconfig.as_path())];
+    let server_env = [("KUBECONFIG", server_kubeconfig.as_path())];
     let _operator = Process::spawn(
         "tether-operator",
         &[
@@ -169,7 +197,7 @@ fn a_proxied_cluster_end_to_end() {
             "5s",
         ]
         .map(str::to_owned),
-        &kube_env,
+        &operator_env,
         d.join("operator.log"),
     );
 
@@ -247,7 +275,7 @@ fn a_proxied_cluster_end_to_end() {
             "--tls-client-ca".to_owned(),
             d.join("ca.crt").display().to_string(),
         ],
-        &kube_env,
+        &server_env,
         d.join("server.log"),
     );
 

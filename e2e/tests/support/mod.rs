@@ -149,6 +149,15 @@ impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what its processes said.
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(25).collect();
+            eprintln!("--- last lines of {} ---", self.log.display());
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
@@ -173,4 +182,65 @@ pub fn eventually<T>(limit: Duration, what: &str, mut check: impl FnMut() -> Opt
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// A kubeconfig for `namespace/service_account`, with a token from the
+/// TokenRequest API: the process using it has exactly that account's RBAC.
+pub fn service_account_kubeconfig(
+    admin: &Kubectl,
+    namespace: &str,
+    service_account: &str,
+    dir: &Path,
+) -> PathBuf {
+    let token = admin.ok(&[
+        "create",
+        "token",
+        service_account,
+        "-n",
+        namespace,
+        "--duration",
+        "1h",
+    ]);
+    let (server, ca) = admin.server_and_ca(dir);
+    let path = dir.join(format!("{namespace}-{service_account}.kubeconfig"));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: {server}\n    certificate-authority: {}\nusers:\n- name: {service_account}\n  user:\n    token: {}\ncontexts:\n- name: c\n  context: {{cluster: c, user: {service_account}, namespace: {namespace}}}\ncurrent-context: c\n",
+            ca.display(),
+            token.trim()
+        ),
+    )
+    .expect("write kubeconfig");
+    path
+}
+
+/// The management chart rendered with Helm's SDK (the chart-test virtualenv).
+pub fn render_chart(release: &str, namespace: &str, values: &serde_json::Value) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let python = root.join(".venv/bin/python");
+    assert!(
+        python.exists(),
+        "{} is missing: `make e2e` (or `make chart-test`) creates it",
+        python.display()
+    );
+    let out = Command::new(python)
+        .arg(root.join("charts/tests/render.py"))
+        .arg(root.join("charts/tether"))
+        .args([
+            "--release",
+            release,
+            "--namespace",
+            namespace,
+            "--values",
+            &values.to_string(),
+        ])
+        .output()
+        .expect("render runs");
+    assert!(
+        out.status.success(),
+        "render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
 }
