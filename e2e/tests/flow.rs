@@ -76,12 +76,14 @@ impl Drop for Cleanup {
                 "--ignore-not-found",
             ]);
         }
-        let _ = self.kubectl.run(&[
-            "delete",
-            "clusterrole,clusterrolebinding",
-            "tether-agent",
-            "--ignore-not-found",
-        ]);
+        for name in &self.cluster_scoped {
+            let _ = self.kubectl.run(&[
+                "delete",
+                "clusterrole,clusterrolebinding",
+                name,
+                "--ignore-not-found",
+            ]);
+        }
     }
 }
 
