@@ -17,6 +17,145 @@ use tether::tls::ServerTlsFiles;
 use tokio::net::TcpListener;
 
 const CLUSTER: &str = "demo";
+/// What the demo creates in a real cluster (and removes when it ends).
+const DEMO_NAMESPACE: &str = "tether-demo";
+const DEMO_ACCOUNT: &str = "tether-demo-agent";
+
+/// The customer cluster of the demo.
+enum Customer {
+    /// The kube-apiserver double, with the agent's token in a file.
+    Double {
+        api: FakeApiServer,
+        sa_token: PathBuf,
+        ca: PathBuf,
+    },
+    /// The API server of $KUBECONFIG.
+    Real(RealCluster),
+}
+
+impl Customer {
+    fn target(&self) -> String {
+        match self {
+            Customer::Double { api, .. } => api.addr.to_string(),
+            Customer::Real(real) => real.target.clone(),
+        }
+    }
+
+    fn sa_token(&self) -> &Path {
+        match self {
+            Customer::Double { sa_token, .. } => sa_token,
+            Customer::Real(real) => &real.sa_token,
+        }
+    }
+
+    fn ca(&self) -> &Path {
+        match self {
+            Customer::Double { ca, .. } => ca,
+            Customer::Real(real) => &real.ca,
+        }
+    }
+}
+
+/// A reachable cluster from $KUBECONFIG: a ServiceAccount bound to `view`
+/// whose token the agent uses, removed again on drop.
+struct RealCluster {
+    target: String,
+    ca: PathBuf,
+    sa_token: PathBuf,
+}
+
+/// kubectl as the user of $KUBECONFIG; the error carries kubectl's message.
+fn admin_kubectl(args: &[&str]) -> Result<String> {
+    let output = Command::new("kubectl")
+        .arg("--request-timeout=10s")
+        .args(args)
+        .output()
+        .context("running kubectl")?;
+    if !output.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+impl RealCluster {
+    fn detect(dir: &Path) -> Result<Option<Self>> {
+        if std::env::var_os("KUBECONFIG").is_none()
+            || admin_kubectl(&["get", "--raw", "/readyz"]).is_err()
+        {
+            return Ok(None);
+        }
+        let config: serde_json::Value = serde_json::from_str(&admin_kubectl(&[
+            "config", "view", "--raw", "--minify", "-o", "json",
+        ])?)?;
+        let cluster = &config["clusters"][0]["cluster"];
+        let server = cluster["server"]
+            .as_str()
+            .context("no server in $KUBECONFIG")?;
+        let target = server
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned();
+        let ca = dir.join("cluster-ca.crt");
+        match (
+            cluster["certificate-authority-data"].as_str(),
+            cluster["certificate-authority"].as_str(),
+        ) {
+            (Some(data), _) => {
+                use base64::Engine;
+                std::fs::write(&ca, base64::engine::general_purpose::STANDARD.decode(data)?)?;
+            }
+            (None, Some(file)) => {
+                std::fs::copy(file, &ca)?;
+            }
+            (None, None) => bail!("$KUBECONFIG names no CA for its API server"),
+        }
+        let manifest = format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: {DEMO_NAMESPACE}}}\n---\napiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {DEMO_ACCOUNT}, namespace: {DEMO_NAMESPACE}}}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {DEMO_ACCOUNT}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}}\nsubjects: [{{kind: ServiceAccount, name: {DEMO_ACCOUNT}, namespace: {DEMO_NAMESPACE}}}]\n"
+        );
+        let file = write(dir, "demo-account.yaml", &manifest)?;
+        // A previous run's namespace may still be terminating.
+        let namespace = format!("namespace/{DEMO_NAMESPACE}");
+        let _ = admin_kubectl(&["wait", "--for=delete", &namespace, "--timeout=120s"]);
+        admin_kubectl(&["apply", "-f", &file.display().to_string()])?;
+        let token = admin_kubectl(&[
+            "create",
+            "token",
+            DEMO_ACCOUNT,
+            "-n",
+            DEMO_NAMESPACE,
+            "--duration",
+            "1h",
+        ])?;
+        let sa_token = write(dir, "sa-token", token.trim())?;
+        Ok(Some(Self {
+            target,
+            ca,
+            sa_token,
+        }))
+    }
+}
+
+impl Drop for RealCluster {
+    fn drop(&mut self) {
+        let _ = admin_kubectl(&[
+            "delete",
+            "clusterrolebinding",
+            DEMO_ACCOUNT,
+            "--ignore-not-found",
+        ]);
+        let _ = admin_kubectl(&[
+            "delete",
+            "namespace",
+            DEMO_NAMESPACE,
+            "--ignore-not-found",
+            "--wait=false",
+        ]);
+    }
+}
 const VALIDITY: Duration = Duration::from_secs(24 * 3600);
 
 /// Child processes are killed when the demo ends, however it ends.
@@ -108,28 +247,50 @@ async fn main() -> Result<()> {
     )?;
     println!("    CA and 4 leaf certificates in {}", d.display());
 
-    step(
-        "Customer side: a kube-apiserver double on HTTPS that only accepts the agent's ServiceAccount token",
-    );
-    let sa_token = write(d, "sa-token", "demo-serviceaccount-token")?;
-    let api = FakeApiServer::start(
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?,
-        Some(ServerTlsFiles {
-            cert: api_cert,
-            key: api_key,
-            client_ca: None,
-        }),
-        sa_token.clone(),
-    )
-    .await?;
-    println!("    API server at https://{}", api.addr);
+    let customer = match RealCluster::detect(d)? {
+        Some(real) => {
+            step(
+                "Customer side: the API server of $KUBECONFIG, reached as a throwaway ServiceAccount bound to `view`",
+            );
+            println!(
+                "    API server at https://{} (ServiceAccount {}/{})",
+                real.target, DEMO_NAMESPACE, DEMO_ACCOUNT
+            );
+            Customer::Real(real)
+        }
+        None => {
+            step(
+                "Customer side: a kube-apiserver double on HTTPS that only accepts the agent's ServiceAccount token",
+            );
+            let sa_token = write(d, "sa-token", "demo-serviceaccount-token")?;
+            let api = FakeApiServer::start(
+                TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?,
+                Some(ServerTlsFiles {
+                    cert: api_cert,
+                    key: api_key,
+                    client_ca: None,
+                }),
+                sa_token.clone(),
+            )
+            .await?;
+            println!(
+                "    API server at https://{} ($KUBECONFIG unset or unreachable)",
+                api.addr
+            );
+            Customer::Double {
+                api,
+                sa_token,
+                ca: ca_path.clone(),
+            }
+        }
+    };
 
     step("Management side: tether-server with mTLS on both ports");
     let agent_token = "demo-agent-token";
     let clusters = write(
         d,
         "clusters.json",
-        &serde_json::json!([{"id": CLUSTER, "token": agent_token, "targetAddr": api.addr.to_string()}]).to_string(),
+        &serde_json::json!([{"id": CLUSTER, "token": agent_token, "targetAddr": customer.target()}]).to_string(),
     )?;
     let public = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let internal = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
@@ -167,11 +328,11 @@ async fn main() -> Result<()> {
             .args(["--server", &format!("wss://localhost:{}", public.port())])
             .arg("--token-file")
             .arg(&token_file)
-            .args(["--target", &api.addr.to_string()])
+            .args(["--target", &customer.target()])
             .arg("--sa-token-path")
-            .arg(&sa_token)
+            .arg(customer.sa_token())
             .arg("--ca-cert")
-            .arg(&ca_path)
+            .arg(customer.ca())
             .arg("--server-ca-cert")
             .arg(&ca_path)
             .arg("--client-cert")
@@ -219,8 +380,20 @@ async fn main() -> Result<()> {
     );
 
     step("kubectl version (through the tunnel)");
-    let version: serde_json::Value =
-        serde_json::from_str(&kubectl(&kubeconfig, &["version", "-o", "json"])?)?;
+    // Read the JSON even when kubectl exits non-zero: it also complains about
+    // server versions it cannot parse (unstamped builds), after printing them.
+    let output = Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["version", "-o", "json"])
+        .output()
+        .context("running kubectl")?;
+    let version: serde_json::Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "kubectl version: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
     println!(
         "    server version: {}",
         version["serverVersion"]["gitVersion"]
@@ -241,22 +414,52 @@ async fn main() -> Result<()> {
             "name",
         ],
     )?;
-    let seen = api.seen();
-    let all_agent = seen.iter().all(|r| r.authorized);
-    let leaked = seen.iter().any(|r| {
-        r.headers.values().any(|v| {
-            v.as_bytes()
-                .windows(22)
-                .any(|w| w == b"management-side-secret")
-        })
-    });
-    println!(
-        "    API server received {} requests; every one carried the agent's ServiceAccount token: {all_agent}",
-        seen.len()
-    );
-    println!("    a management-side token reached the API server: {leaked}");
-    if !all_agent || leaked {
-        bail!("credential isolation violated");
+    match &customer {
+        Customer::Double { api, .. } => {
+            let seen = api.seen();
+            let all_agent = seen.iter().all(|r| r.authorized);
+            let leaked = seen.iter().any(|r| {
+                r.headers.values().any(|v| {
+                    v.as_bytes()
+                        .windows(22)
+                        .any(|w| w == b"management-side-secret")
+                })
+            });
+            println!(
+                "    API server received {} requests; every one carried the agent's ServiceAccount token: {all_agent}",
+                seen.len()
+            );
+            println!("    a management-side token reached the API server: {leaked}");
+            if !all_agent || leaked {
+                bail!("credential isolation violated");
+            }
+        }
+        Customer::Real(_) => {
+            // The caller sends a token of its own; the API server sees the agent.
+            let whoami: serde_json::Value = serde_json::from_str(&kubectl(
+                &kubeconfig,
+                &[
+                    "--token",
+                    "management-side-secret",
+                    "auth",
+                    "whoami",
+                    "-o",
+                    "json",
+                ],
+            )?)?;
+            let user = whoami["status"]["userInfo"]["username"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            println!("    the API server saw the request as: {user}");
+            println!(
+                "    a management-side token reached the API server: {}",
+                user != format!("system:serviceaccount:{DEMO_NAMESPACE}:{DEMO_ACCOUNT}")
+            );
+            if user != format!("system:serviceaccount:{DEMO_NAMESPACE}:{DEMO_ACCOUNT}") {
+                bail!("credential isolation violated");
+            }
+        }
     }
 
     step("Done. Stopping tether-agent and tether-server.");
