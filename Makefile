@@ -4,7 +4,7 @@ VENV ?= .venv
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= ghcr.io/tether-dev/tether
 
-.PHONY: build release test cargo-test chart-test chart-lint lint fmt demo bench crds run-operator e2e docker clean
+.PHONY: build release test cargo-test chart-test chart-lint lint fmt demo bench bench-quick crds run-operator e2e docker clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -65,6 +65,14 @@ e2e: $(VENV)/.installed
 ## One image with all binaries (needs a Docker engine).
 docker:
 	docker build -t $(IMAGE):$(VERSION) .
+
+## Tunnel vs direct, side by side; prints a table and writes BENCHMARKS.md.
+bench:
+	$(CARGO) run --release -p tether-bench
+
+## The same in a few seconds, writing nothing (CI checks that it runs).
+bench-quick:
+	$(CARGO) run -q -p tether-bench -- --quick --output -
 
 ## tether's main job on this machine, no cluster needed.
 demo: release

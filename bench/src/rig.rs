@@ -1,0 +1,219 @@
+//! The benchmark's setup: certificates, the API server double, tether-server
+//! and tether-agent on loopback, and clients for both paths.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use http::{Method, Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tether::agent::{Agent, AgentArgs};
+use tether::fake_apiserver::FakeApiServer;
+use tether::pki::{CertificateAuthority, LeafRequest};
+use tether::server::{RunningServer, ServerArgs};
+use tether::tls::{self, ServerTlsFiles};
+
+const SA_TOKEN: &str = "bench-serviceaccount-token";
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// CPU time (user + system) this process has used, in seconds.
+pub fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// An HTTP/1.1 client with keep-alive, TLS when the URL says https.
+#[derive(Clone)]
+pub struct Client(HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>);
+
+impl Client {
+    fn new(roots: rustls::RootCertStore, identity: Option<(PathBuf, PathBuf)>) -> Result<Self> {
+        let identity = match identity {
+            Some((cert, key)) => Some((tls::load_certs(&cert)?, tls::load_key(&key)?)),
+            None => None,
+        };
+        let config = tls::client_config(roots, identity)?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        Ok(Self(HyperClient::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(connector)))
+    }
+
+    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Response<Incoming>> {
+        let mut request = Request::builder().method(method).uri(url);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        Ok(self.0.request(request.body(Full::new(body))?).await?)
+    }
+}
+
+pub struct Rig {
+    _dir: tempfile::TempDir,
+    backend: FakeApiServer,
+    server: RunningServer,
+    agent: Agent,
+    tls: bool,
+    /// To tether-server's internal port (mTLS with ArgoCD's certificate when `tls`).
+    pub client: Client,
+    /// To the API server double directly.
+    pub direct: Client,
+}
+
+impl Rig {
+    /// Server, agent and API server on loopback. `tls`: mTLS on both server
+    /// ports and wss between agent and server; otherwise plain ws and http
+    /// (the API server hop is TLS either way, as in production).
+    pub async fn start(tls: bool) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let d = dir.path();
+        let ca = CertificateAuthority::generate("bench CA", HOUR)?;
+        let write = |name: &str, text: &str| -> Result<PathBuf> {
+            let path = d.join(name);
+            std::fs::write(&path, text)?;
+            Ok(path)
+        };
+        let ca_path = write("ca.crt", ca.cert_pem())?;
+        let loopback = ["127.0.0.1".parse()?];
+        let issue = |name: &str, request: LeafRequest| -> Result<(PathBuf, PathBuf)> {
+            let issued = ca.issue(&request)?;
+            Ok((write(&format!("{name}.crt"), &issued.cert_pem)?, write(&format!("{name}.key"), &issued.key_pem)?))
+        };
+        let server_pair = issue("server", LeafRequest::server("tether-server", &["localhost"], &loopback, HOUR))?;
+        let api_pair = issue("api", LeafRequest::server("api", &["localhost"], &loopback, HOUR))?;
+        let agent_pair = issue("agent", LeafRequest::agent("dev", HOUR))?;
+        let argocd_pair = issue("argocd", LeafRequest::client("argocd", HOUR))?;
+        let sa = write("sa-token", SA_TOKEN)?;
+        let backend = FakeApiServer::start(
+            tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+            Some(ServerTlsFiles { cert: api_pair.0, key: api_pair.1, client_ca: None }),
+            sa.clone(),
+        )
+        .await?;
+        let clusters = write(
+            "clusters.json",
+            &serde_json::json!([{"id": "dev", "token": "bench-agent-token", "targetAddr": backend.addr.to_string()}]).to_string(),
+        )?;
+        let mut server_args = vec![
+            "tether-server".to_owned(), "--addr".into(), "127.0.0.1:0".into(), "--internal-addr".into(), "127.0.0.1:0".into(),
+            "--clusters".into(), clusters.display().to_string(), "--log-level".into(), "error".into(),
+            "--max-streams-per-tunnel".into(), "20000".into(),
+        ];
+        if tls {
+            server_args.extend([
+                "--tls-cert".into(), server_pair.0.display().to_string(),
+                "--tls-key".into(), server_pair.1.display().to_string(),
+                "--tls-client-ca".into(), ca_path.display().to_string(),
+            ]);
+        }
+        let server = RunningServer::start(ServerArgs::parse_from(server_args)).await?;
+        let scheme = if tls { "wss" } else { "ws" };
+        let mut agent_args = vec![
+            "tether-agent".to_owned(), "--server".into(), format!("{scheme}://localhost:{}", server.public_addr.port()),
+            "--token".into(), "bench-agent-token".into(), "--target".into(), backend.addr.to_string(),
+            "--sa-token-path".into(), sa.display().to_string(), "--ca-cert".into(), ca_path.display().to_string(),
+            "--health-addr".into(), "127.0.0.1:0".into(), "--log-level".into(), "error".into(), "--max-conns".into(), "20000".into(),
+        ];
+        if tls {
+            agent_args.extend([
+                "--server-ca-cert".into(), ca_path.display().to_string(),
+                "--client-cert".into(), agent_pair.0.display().to_string(),
+                "--client-key".into(), agent_pair.1.display().to_string(),
+            ]);
+        } else {
+            agent_args.push("--allow-insecure-server".into());
+        }
+        let agent = Agent::start(AgentArgs::parse_from(agent_args)).await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !server.is_connected("dev") {
+            anyhow::ensure!(Instant::now() < deadline, "agent did not connect");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let roots = tls::load_roots(&ca_path)?;
+        let client = Client::new(roots.clone(), tls.then_some(argocd_pair))?;
+        let direct = Client::new(roots, None)?;
+        Ok(Self { _dir: dir, backend, server, agent, tls, client, direct })
+    }
+
+    pub fn backend_url(&self) -> String {
+        format!("https://localhost:{}", self.backend.addr.port())
+    }
+
+    pub fn internal_url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://localhost:{}", self.server.internal_addr.port())
+    }
+
+    /// The direct path presents the token the agent would inject.
+    pub fn direct_auth(&self) -> [(&'static str, &'static str); 1] {
+        [("authorization", "Bearer bench-serviceaccount-token")]
+    }
+
+    pub async fn stop(self) {
+        self.agent.shutdown().await;
+        self.server.shutdown().await;
+    }
+}
+
+/// Creates `count` ProxiedClusters in the in-memory API, then starts the
+/// operator and times until all are Ready.
+pub async fn reconcile_many(count: usize) -> Result<Duration> {
+    use kube::Api;
+    use kube::api::{ListParams, PostParams};
+    use tether_operator::crd::ProxiedCluster;
+    let api = tether_operator::fake_api::FakeApi::start().await?;
+    let client = api.client();
+    let clusters: Api<ProxiedCluster> = Api::namespaced(client.clone(), "tenants");
+    for i in 0..count {
+        let pc: ProxiedCluster = serde_json::from_value(serde_json::json!({
+            "apiVersion": "tether.dev/v1alpha1", "kind": "ProxiedCluster",
+            "metadata": {"name": format!("c{i:05}"), "namespace": "tenants"}, "spec": {}
+        }))?;
+        clusters.create(&PostParams::default(), &pc).await?;
+    }
+    let mut settings = tether_operator::settings::Settings::defaults();
+    settings.leader_election = false;
+    settings.public_url = Some("wss://tether.example.com:8443".into());
+    settings.health_addr = "127.0.0.1:0".parse()?;
+    settings.log_level = "error".into();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let started = Instant::now();
+    let operator = tokio::spawn(tether_operator::run(client, settings, stop.clone()));
+    loop {
+        let ready = clusters
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .filter(|pc| {
+                pc.status
+                    .as_ref()
+                    .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+            })
+            .count();
+        if ready == count {
+            break;
+        }
+        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "only {ready} of {count} Ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let elapsed = started.elapsed();
+    stop.cancel();
+    let _ = operator.await.context("operator task")?;
+    Ok(elapsed)
+}
