@@ -40,11 +40,19 @@ fn mib_s(bytes: u64, elapsed: Duration) -> f64 {
 }
 
 /// Streams a download to the end; returns (bytes, wall time, CPU seconds of this process).
-async fn download(client: &Client, url: &str, headers: &[(&str, &str)]) -> Result<(u64, Duration, f64)> {
+async fn download(
+    client: &Client,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> Result<(u64, Duration, f64)> {
     let cpu = cpu_seconds();
     let started = Instant::now();
     let response = client.send(Method::GET, url, headers, Bytes::new()).await?;
-    anyhow::ensure!(response.status().is_success(), "GET {url}: {}", response.status());
+    anyhow::ensure!(
+        response.status().is_success(),
+        "GET {url}: {}",
+        response.status()
+    );
     let mut body = response.into_body();
     let mut total = 0u64;
     while let Some(frame) = body.frame().await {
@@ -55,32 +63,59 @@ async fn download(client: &Client, url: &str, headers: &[(&str, &str)]) -> Resul
     Ok((total, started.elapsed(), cpu_seconds() - cpu))
 }
 
-async fn upload(client: &Client, url: &str, headers: &[(&str, &str)], size: usize) -> Result<(Duration, f64)> {
+async fn upload(
+    client: &Client,
+    url: &str,
+    headers: &[(&str, &str)],
+    size: usize,
+) -> Result<(Duration, f64)> {
     let body = Bytes::from(vec![0x5a; size]);
     let cpu = cpu_seconds();
     let started = Instant::now();
     let response = client.send(Method::PUT, url, headers, body).await?;
-    anyhow::ensure!(response.status().is_success(), "PUT {url}: {}", response.status());
+    anyhow::ensure!(
+        response.status().is_success(),
+        "PUT {url}: {}",
+        response.status()
+    );
     let _ = response.into_body().collect().await?;
     Ok((started.elapsed(), cpu_seconds() - cpu))
 }
 
 /// Latencies of `total` small GETs at `concurrency`; returns (p50, p99, requests/s).
-async fn latency(client: &Client, url: &str, headers: &[(&str, &str)], concurrency: usize, total: usize) -> Result<(Duration, Duration, f64)> {
+async fn latency(
+    client: &Client,
+    url: &str,
+    headers: &[(&str, &str)],
+    concurrency: usize,
+    total: usize,
+) -> Result<(Duration, Duration, f64)> {
     let per_task = total / concurrency;
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
         let client = client.clone();
         let url = url.to_owned();
-        let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
         tasks.push(tokio::spawn(async move {
-            let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
             let mut samples = Vec::with_capacity(per_task);
             for _ in 0..per_task {
                 let t = Instant::now();
-                let response = client.send(Method::GET, &url, &headers, Bytes::new()).await?;
-                anyhow::ensure!(response.status().is_success(), "status {}", response.status());
+                let response = client
+                    .send(Method::GET, &url, &headers, Bytes::new())
+                    .await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "status {}",
+                    response.status()
+                );
                 let _ = response.into_body().collect().await?;
                 samples.push(t.elapsed());
             }
@@ -94,7 +129,11 @@ async fn latency(client: &Client, url: &str, headers: &[(&str, &str)], concurren
     let elapsed = started.elapsed();
     all.sort();
     let pick = |q: f64| all[((all.len() as f64 * q) as usize).min(all.len() - 1)];
-    Ok((pick(0.50), pick(0.99), all.len() as f64 / elapsed.as_secs_f64()))
+    Ok((
+        pick(0.50),
+        pick(0.99),
+        all.len() as f64 / elapsed.as_secs_f64(),
+    ))
 }
 
 fn us(d: Duration) -> String {
@@ -104,14 +143,28 @@ fn us(d: Duration) -> String {
 async fn throughput_rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     let size: u64 = if quick { 16 << 20 } else { 256 << 20 };
     let label = format!("{} MiB", size >> 20);
-    for (tls, name, target) in [(false, "plain ws tunnel, plain client hop", "≥ 0.6×"), (true, "wss+mTLS tunnel, mTLS client hop", "≥ 0.45×")] {
+    for (tls, name, target) in [
+        (false, "plain ws tunnel, plain client hop", "≥ 0.6×"),
+        (true, "wss+mTLS tunnel, mTLS client hop", "≥ 0.45×"),
+    ] {
         let rig = Rig::start(tls).await?;
         let direct_url = format!("{}/bytes?n={size}", rig.backend_url());
         let tunnel_url = format!("{}/tunnel/dev/bytes?n={size}", rig.internal_url());
         // Warm both paths (pools, TLS sessions).
-        download(&rig.direct, &format!("{}/bytes?n=1048576", rig.backend_url()), &rig.direct_auth()).await?;
-        download(&rig.client, &format!("{}/tunnel/dev/bytes?n=1048576", rig.internal_url()), &[]).await?;
-        let (bytes_d, time_d, cpu_d) = download(&rig.direct, &direct_url, &rig.direct_auth()).await?;
+        download(
+            &rig.direct,
+            &format!("{}/bytes?n=1048576", rig.backend_url()),
+            &rig.direct_auth(),
+        )
+        .await?;
+        download(
+            &rig.client,
+            &format!("{}/tunnel/dev/bytes?n=1048576", rig.internal_url()),
+            &[],
+        )
+        .await?;
+        let (bytes_d, time_d, cpu_d) =
+            download(&rig.direct, &direct_url, &rig.direct_auth()).await?;
         let (bytes_t, time_t, cpu_t) = download(&rig.client, &tunnel_url, &[]).await?;
         anyhow::ensure!(bytes_d == size && bytes_t == size, "short download");
         let (rate_d, rate_t) = (mib_s(size, time_d), mib_s(size, time_t));
@@ -120,11 +173,27 @@ async fn throughput_rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
             name: format!("GET {label} ({name})"),
             direct: format!("{rate_d:.0} MiB/s, {:.2} CPU-s/GiB", cpu_d / gib),
             tunnel: format!("{rate_t:.0} MiB/s, {:.2} CPU-s/GiB", cpu_t / gib),
-            ratio: format!("{:.2}× throughput, {:.2}× CPU/GiB", rate_t / rate_d, (cpu_t / gib) / (cpu_d / gib)),
+            ratio: format!(
+                "{:.2}× throughput, {:.2}× CPU/GiB",
+                rate_t / rate_d,
+                (cpu_t / gib) / (cpu_d / gib)
+            ),
             target: format!("{target} throughput; CPU/GiB ≤ 2.2×"),
         });
-        let (time_d, cpu_d) = upload(&rig.direct, &format!("{}/sink", rig.backend_url()), &rig.direct_auth(), size as usize).await?;
-        let (time_t, cpu_t) = upload(&rig.client, &format!("{}/tunnel/dev/sink", rig.internal_url()), &[], size as usize).await?;
+        let (time_d, cpu_d) = upload(
+            &rig.direct,
+            &format!("{}/sink", rig.backend_url()),
+            &rig.direct_auth(),
+            size as usize,
+        )
+        .await?;
+        let (time_t, cpu_t) = upload(
+            &rig.client,
+            &format!("{}/tunnel/dev/sink", rig.internal_url()),
+            &[],
+            size as usize,
+        )
+        .await?;
         let (rate_d, rate_t) = (mib_s(size, time_d), mib_s(size, time_t));
         rows.push(Row {
             name: format!("PUT {label} ({name})"),
@@ -176,7 +245,15 @@ async fn head_of_line_row(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     let url = format!("{}/tunnel/dev/bytes?n={size}", rig.internal_url());
     download(&rig.client, &url, &[]).await?;
     let (_, alone, _) = download(&rig.client, &url, &[]).await?;
-    let stalled = rig.client.send(Method::GET, &format!("{}/tunnel/dev/bytes?n={}", rig.internal_url(), 1u64 << 34), &[], Bytes::new()).await?;
+    let stalled = rig
+        .client
+        .send(
+            Method::GET,
+            &format!("{}/tunnel/dev/bytes?n={}", rig.internal_url(), 1u64 << 34),
+            &[],
+            Bytes::new(),
+        )
+        .await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, beside, _) = download(&rig.client, &url, &[]).await?;
     drop(stalled);
@@ -198,7 +275,11 @@ async fn operator_row(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     rows.push(Row {
         name: format!("operator: reconcile {count} ProxiedClusters from scratch"),
         direct: "-".into(),
-        tunnel: format!("{:.1} s ({:.1} ms each)", elapsed.as_secs_f64(), elapsed.as_secs_f64() * 1000.0 / count as f64),
+        tunnel: format!(
+            "{:.1} s ({:.1} ms each)",
+            elapsed.as_secs_f64(),
+            elapsed.as_secs_f64() * 1000.0 / count as f64
+        ),
         ratio: "-".into(),
         target: "-".into(),
     });
@@ -208,21 +289,43 @@ async fn operator_row(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|c| c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned()))
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
+        })
         .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let memory = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0)))
+        .and_then(|m| {
+            m.lines().next().map(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .unwrap_or("0")
+                    .parse::<u64>()
+                    .unwrap_or(0)
+            })
+        })
         .map(|kib| format!("{:.0} GiB", kib as f64 / (1 << 20) as f64))
         .unwrap_or_default();
-    format!("{cpu}, {cores} cores, {memory} RAM; loopback; one process (client, tether-server, tether-agent, API server double)")
+    format!(
+        "{cpu}, {cores} cores, {memory} RAM; loopback; one process (client, tether-server, tether-agent, API server double)"
+    )
 }
 
 fn table(rows: &[Row]) -> String {
-    let mut out = String::from("| figure | direct | through tether | tether / direct | target |\n|---|---|---|---|---|\n");
+    let mut out = String::from(
+        "| figure | direct | through tether | tether / direct | target |\n|---|---|---|---|---|\n",
+    );
     for r in rows {
-        let _ = writeln!(out, "| {} | {} | {} | {} | {} |", r.name, r.direct, r.tunnel, r.ratio, r.target);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} |",
+            r.name, r.direct, r.tunnel, r.ratio, r.target
+        );
     }
     out
 }
@@ -239,7 +342,11 @@ async fn main() -> Result<()> {
     operator_row(&mut rows, args.quick).await?;
     let table = table(&rows);
     println!("{table}");
-    println!("(ran in {:.0} s{})", started.elapsed().as_secs_f64(), if args.quick { ", quick mode" } else { "" });
+    println!(
+        "(ran in {:.0} s{})",
+        started.elapsed().as_secs_f64(),
+        if args.quick { ", quick mode" } else { "" }
+    );
     if args.output != "-" {
         let report = format!(
             "# tether benchmarks\n\nWritten by `make bench` (`tether-bench`){}; do not edit by hand.\n\n\

@@ -28,7 +28,12 @@ pub fn cpu_seconds() -> f64 {
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / 100.0
 }
 
@@ -51,10 +56,20 @@ impl Client {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        Ok(Self(HyperClient::builder(TokioExecutor::new()).pool_max_idle_per_host(256).build(connector)))
+        Ok(Self(
+            HyperClient::builder(TokioExecutor::new())
+                .pool_max_idle_per_host(256)
+                .build(connector),
+        ))
     }
 
-    pub async fn send(&self, method: Method, url: &str, headers: &[(&str, &str)], body: Bytes) -> Result<Response<Incoming>> {
+    pub async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+    ) -> Result<Response<Incoming>> {
         let mut request = Request::builder().method(method).uri(url);
         for (name, value) in headers {
             request = request.header(*name, *value);
@@ -92,16 +107,29 @@ impl Rig {
         let loopback = ["127.0.0.1".parse()?];
         let issue = |name: &str, request: LeafRequest| -> Result<(PathBuf, PathBuf)> {
             let issued = ca.issue(&request)?;
-            Ok((write(&format!("{name}.crt"), &issued.cert_pem)?, write(&format!("{name}.key"), &issued.key_pem)?))
+            Ok((
+                write(&format!("{name}.crt"), &issued.cert_pem)?,
+                write(&format!("{name}.key"), &issued.key_pem)?,
+            ))
         };
-        let server_pair = issue("server", LeafRequest::server("tether-server", &["localhost"], &loopback, HOUR))?;
-        let api_pair = issue("api", LeafRequest::server("api", &["localhost"], &loopback, HOUR))?;
+        let server_pair = issue(
+            "server",
+            LeafRequest::server("tether-server", &["localhost"], &loopback, HOUR),
+        )?;
+        let api_pair = issue(
+            "api",
+            LeafRequest::server("api", &["localhost"], &loopback, HOUR),
+        )?;
         let agent_pair = issue("agent", LeafRequest::agent("dev", HOUR))?;
         let argocd_pair = issue("argocd", LeafRequest::client("argocd", HOUR))?;
         let sa = write("sa-token", SA_TOKEN)?;
         let backend = FakeApiServer::start(
             tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-            Some(ServerTlsFiles { cert: api_pair.0, key: api_pair.1, client_ca: None }),
+            Some(ServerTlsFiles {
+                cert: api_pair.0,
+                key: api_pair.1,
+                client_ca: None,
+            }),
             sa.clone(),
         )
         .await?;
@@ -110,30 +138,60 @@ impl Rig {
             &serde_json::json!([{"id": "dev", "token": "bench-agent-token", "targetAddr": backend.addr.to_string()}]).to_string(),
         )?;
         let mut server_args = vec![
-            "tether-server".to_owned(), "--addr".into(), "127.0.0.1:0".into(), "--internal-addr".into(), "127.0.0.1:0".into(),
-            "--clusters".into(), clusters.display().to_string(), "--log-level".into(), "error".into(),
-            "--max-streams-per-tunnel".into(), "20000".into(),
+            "tether-server".to_owned(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+            "--internal-addr".into(),
+            "127.0.0.1:0".into(),
+            "--clusters".into(),
+            clusters.display().to_string(),
+            "--log-level".into(),
+            "error".into(),
+            "--max-streams-per-tunnel".into(),
+            "20000".into(),
+            // Uploads of the size measured here, not the 32 MiB default cap.
+            "--max-body-bytes".into(),
+            (1u64 << 30).to_string(),
         ];
         if tls {
             server_args.extend([
-                "--tls-cert".into(), server_pair.0.display().to_string(),
-                "--tls-key".into(), server_pair.1.display().to_string(),
-                "--tls-client-ca".into(), ca_path.display().to_string(),
+                "--tls-cert".into(),
+                server_pair.0.display().to_string(),
+                "--tls-key".into(),
+                server_pair.1.display().to_string(),
+                "--tls-client-ca".into(),
+                ca_path.display().to_string(),
             ]);
         }
         let server = RunningServer::start(ServerArgs::parse_from(server_args)).await?;
         let scheme = if tls { "wss" } else { "ws" };
         let mut agent_args = vec![
-            "tether-agent".to_owned(), "--server".into(), format!("{scheme}://localhost:{}", server.public_addr.port()),
-            "--token".into(), "bench-agent-token".into(), "--target".into(), backend.addr.to_string(),
-            "--sa-token-path".into(), sa.display().to_string(), "--ca-cert".into(), ca_path.display().to_string(),
-            "--health-addr".into(), "127.0.0.1:0".into(), "--log-level".into(), "error".into(), "--max-conns".into(), "20000".into(),
+            "tether-agent".to_owned(),
+            "--server".into(),
+            format!("{scheme}://localhost:{}", server.public_addr.port()),
+            "--token".into(),
+            "bench-agent-token".into(),
+            "--target".into(),
+            backend.addr.to_string(),
+            "--sa-token-path".into(),
+            sa.display().to_string(),
+            "--ca-cert".into(),
+            ca_path.display().to_string(),
+            "--health-addr".into(),
+            "127.0.0.1:0".into(),
+            "--log-level".into(),
+            "error".into(),
+            "--max-conns".into(),
+            "20000".into(),
         ];
         if tls {
             agent_args.extend([
-                "--server-ca-cert".into(), ca_path.display().to_string(),
-                "--client-cert".into(), agent_pair.0.display().to_string(),
-                "--client-key".into(), agent_pair.1.display().to_string(),
+                "--server-ca-cert".into(),
+                ca_path.display().to_string(),
+                "--client-cert".into(),
+                agent_pair.0.display().to_string(),
+                "--client-key".into(),
+                agent_pair.1.display().to_string(),
             ]);
         } else {
             agent_args.push("--allow-insecure-server".into());
@@ -147,7 +205,15 @@ impl Rig {
         let roots = tls::load_roots(&ca_path)?;
         let client = Client::new(roots.clone(), tls.then_some(argocd_pair))?;
         let direct = Client::new(roots, None)?;
-        Ok(Self { _dir: dir, backend, server, agent, tls, client, direct })
+        Ok(Self {
+            _dir: dir,
+            backend,
+            server,
+            agent,
+            tls,
+            client,
+            direct,
+        })
     }
 
     pub fn backend_url(&self) -> String {
@@ -201,15 +267,20 @@ pub async fn reconcile_many(count: usize) -> Result<Duration> {
             .items
             .iter()
             .filter(|pc| {
-                pc.status
-                    .as_ref()
-                    .is_some_and(|s| s.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                pc.status.as_ref().is_some_and(|s| {
+                    s.conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                })
             })
             .count();
         if ready == count {
             break;
         }
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "only {ready} of {count} Ready");
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "only {ready} of {count} Ready"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed();

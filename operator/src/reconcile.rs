@@ -59,6 +59,10 @@ pub struct Context {
     /// All ProxiedClusters, to find duplicate cluster ids.
     pub store: Store<ProxiedCluster>,
     failures: Mutex<HashMap<String, u32>>,
+    /// Serialises writes of the shared clusters Secret: concurrent
+    /// reconciles would otherwise conflict on it endlessly. (Leader election
+    /// makes this process its only writer.)
+    server_config: tokio::sync::Mutex<()>,
 }
 
 impl Context {
@@ -76,6 +80,7 @@ impl Context {
             recorder,
             store,
             failures: Mutex::new(HashMap::new()),
+            server_config: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -687,6 +692,7 @@ async fn upsert_server_entry(
     id: &str,
     entry: Option<ServerEntry<'_>>,
 ) -> Result<(), Error> {
+    let _only_writer = ctx.server_config.lock().await;
     let mut attempt = 0;
     loop {
         match try_upsert_server_entry(ctx, id, entry).await {
