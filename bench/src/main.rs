@@ -3,6 +3,7 @@
 //! production. Prints a table and writes BENCHMARKS.md.
 
 mod rig;
+mod scale;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -269,6 +270,84 @@ async fn head_of_line_row(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     Ok(())
 }
 
+fn kib(rss_before: u64, rss_after: u64, agents: usize) -> f64 {
+    rss_after.saturating_sub(rss_before) as f64 / agents as f64
+}
+
+/// Idle agents on one tether-server process: its memory per agent.
+async fn idle_agents_rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
+    let sizes: &[usize] = if quick { &[100] } else { &[1000, 10000] };
+    for &count in sizes {
+        let fleet = scale::Fleet::new(count)?;
+        let server = fleet.start_server()?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = server.rss_kib();
+        let sessions = fleet.connect_all(64, Duration::from_secs(300)).await?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = server.rss_kib();
+        rows.push(Row {
+            name: format!("{count} idle agents on one server (TLS, token auth)"),
+            direct: "-".into(),
+            tunnel: format!(
+                "{:.1} KiB server memory per agent (RSS {} → {} MiB)",
+                kib(before, after, count),
+                before / 1024,
+                after / 1024
+            ),
+            ratio: "-".into(),
+            target: "≤ 20 KiB per idle agent".into(),
+        });
+        drop(sessions);
+    }
+    Ok(())
+}
+
+/// The server is killed and restarted: time until every agent is back and
+/// a request through each of them succeeds.
+async fn reconnect_row(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
+    let count = if quick { 100 } else { 1000 };
+    let fleet = scale::Fleet::new(count)?;
+    let server = fleet.start_server()?;
+    let sessions = fleet.connect_all(64, Duration::from_secs(120)).await?;
+    drop(server);
+    let started = Instant::now();
+    let _server = fleet.start_server()?;
+    drop(sessions);
+    let _sessions = fleet.connect_all(64, Duration::from_secs(120)).await?;
+    let client = fleet.client()?;
+    let ids: Vec<usize> = (0..count).collect();
+    for chunk in ids.chunks(64) {
+        let requests = chunk.iter().map(|i| {
+            let url = format!(
+                "https://localhost:{}/tunnel/c{i}/version",
+                fleet.internal_port
+            );
+            let client = client.clone();
+            async move {
+                let response = client.send(Method::GET, &url, &[], Bytes::new()).await?;
+                anyhow::ensure!(
+                    response.status().is_success(),
+                    "{url}: {}",
+                    response.status()
+                );
+                Ok(())
+            }
+        });
+        for result in futures::future::join_all(requests).await {
+            result?;
+        }
+    }
+    let elapsed = started.elapsed();
+    rows.push(Row {
+        name: format!("server restart: {count} agents back, one request through each"),
+        direct: "-".into(),
+        tunnel: format!("{:.2} s", elapsed.as_secs_f64()),
+        ratio: "-".into(),
+        target: "≤ 2 s for 1,000 agents".into(),
+    });
+    Ok(())
+}
+
 async fn operator_row(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     let count = if quick { 50 } else { 1000 };
     let elapsed = rig::reconcile_many(count).await?;
@@ -339,6 +418,8 @@ async fn main() -> Result<()> {
     throughput_rows(&mut rows, args.quick).await?;
     latency_rows(&mut rows, args.quick).await?;
     head_of_line_row(&mut rows, args.quick).await?;
+    idle_agents_rows(&mut rows, args.quick).await?;
+    reconnect_row(&mut rows, args.quick).await?;
     operator_row(&mut rows, args.quick).await?;
     let table = table(&rows);
     println!("{table}");

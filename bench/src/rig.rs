@@ -42,7 +42,7 @@ pub fn cpu_seconds() -> f64 {
 pub struct Client(HyperClient<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>);
 
 impl Client {
-    fn new(roots: rustls::RootCertStore, identity: Option<(PathBuf, PathBuf)>) -> Result<Self> {
+    pub fn new(roots: rustls::RootCertStore, identity: Option<(PathBuf, PathBuf)>) -> Result<Self> {
         let identity = match identity {
             Some((cert, key)) => Some((tls::load_certs(&cert)?, tls::load_key(&key)?)),
             None => None,

@@ -93,9 +93,12 @@ impl SessionConfig {
 }
 
 /// WebSocket limits for a tunnel: one frame per message, so a message can
-/// never exceed the largest frame.
+/// never exceed the largest frame. The read buffer starts small (tungstenite
+/// allocates it up front, 128 KiB by default): it grows for large frames,
+/// and an idle agent costs the server little.
 pub fn websocket_config() -> WebSocketConfig {
     WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
         .max_message_size(Some(HEADER_LEN + MAX_FRAME_PAYLOAD))
         .max_frame_size(Some(HEADER_LEN + MAX_FRAME_PAYLOAD))
 }
