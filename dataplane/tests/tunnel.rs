@@ -823,3 +823,43 @@ async fn certificate_identity_must_match_the_token() {
     let _prod = env.agent("prod", "prod-token", &[]).await;
     env.wait_connected("prod").await;
 }
+
+/// A source spraying wrong tokens is slowed to cheap 429s and counted;
+/// once its budget refills, a correct agent from it connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_authentications_are_rate_limited_per_source() {
+    let env = Env::start_with(Security::Tls, &["--auth-failure-rate", "20"]).await;
+    let client = TestClient::new(Some(&env.pki.path("ca.crt")), None);
+    let url = format!("{}/connect", env.public_url());
+    let mut statuses = Vec::new();
+    for i in 0..200 {
+        let token = format!("Bearer wrong-{i}");
+        statuses.push(
+            client
+                .get_with(&url, &[("authorization", &token)])
+                .await
+                .status,
+        );
+    }
+    let refused = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::UNAUTHORIZED)
+        .count();
+    let limited = statuses
+        .iter()
+        .filter(|s| **s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert!(
+        (80..200).contains(&refused),
+        "{refused} checked, {limited} limited"
+    );
+    assert!(limited > 0);
+    let metrics = env.server().metrics_text();
+    assert!(
+        metrics.contains(&format!("auth_rate_limited_total {limited}")),
+        "{metrics}"
+    );
+    // The budget refills (80 failures at 20/s: four seconds).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let _agent = env.connected_agent().await;
+}

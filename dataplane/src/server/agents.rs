@@ -16,6 +16,17 @@ use crate::listen::ConnInfo;
 use crate::mux::{Role, Session, SessionConfig};
 use crate::websocket::{self, AGENT_VERSION_HEADER};
 
+/// Counts a refused authentication, in the metrics and against the
+/// source's budget of failures.
+fn authentication_failed(state: &ServerState, source: std::net::IpAddr) {
+    state
+        .metrics
+        .auth_failures
+        .with_label_values(&["connect"])
+        .inc();
+    state.auth_failures.allow(&source);
+}
+
 pub(super) async fn connect(
     state: Arc<ServerState>,
     conn: Arc<ConnInfo>,
@@ -24,14 +35,19 @@ pub(super) async fn connect(
     if state.draining.is_cancelled() {
         return text(StatusCode::SERVICE_UNAVAILABLE, "server is shutting down");
     }
+    // A source that keeps failing is refused before any token work.
+    let source = conn.remote.ip();
+    if state.auth_failures.exhausted(&source) {
+        state.metrics.auth_rate_limited.inc();
+        return text(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many failed authentications",
+        );
+    }
     let clusters = state.clusters();
     let Some(cluster) = bearer_token(request.headers()).and_then(|t| clusters.authenticate(t))
     else {
-        state
-            .metrics
-            .auth_failures
-            .with_label_values(&["connect"])
-            .inc();
+        authentication_failed(&state, source);
         warn!(remote = %conn.remote, "agent authentication failed");
         return text(StatusCode::UNAUTHORIZED, "invalid agent token");
     };
@@ -42,11 +58,7 @@ pub(super) async fn connect(
         let identity = crate::pki::cluster_identity(cert).ok().flatten();
         if identity.as_deref() != Some(cluster.id.as_str()) {
             state.metrics.identity_mismatches.inc();
-            state
-                .metrics
-                .auth_failures
-                .with_label_values(&["connect"])
-                .inc();
+            authentication_failed(&state, source);
             warn!(remote = %conn.remote, cluster = %cluster.id, certificate = ?identity,
                 "agent certificate names another cluster than its token");
             return text(

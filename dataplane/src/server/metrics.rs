@@ -22,6 +22,7 @@ pub struct ServerMetrics {
     pub rate_limited: IntCounter,
     pub auth_failures: IntCounterVec,
     pub identity_mismatches: IntCounter,
+    pub auth_rate_limited: IntCounter,
 }
 
 impl ServerMetrics {
@@ -79,7 +80,12 @@ impl ServerMetrics {
         registry.register(Box::new(agents_connected.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
         registry.register(Box::new(auth_failures.clone()))?;
+        let auth_rate_limited = IntCounter::new(
+            "auth_rate_limited_total",
+            "Agent connections refused because their source failed authentication too often.",
+        )?;
         registry.register(Box::new(identity_mismatches.clone()))?;
+        registry.register(Box::new(auth_rate_limited.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -90,6 +96,7 @@ impl ServerMetrics {
             rate_limited,
             auth_failures,
             identity_mismatches,
+            auth_rate_limited,
         })
     }
 

@@ -6,6 +6,7 @@ mod config;
 pub mod kubernetes;
 pub mod metrics;
 mod proxy;
+mod ratelimit;
 pub mod registry;
 
 use std::convert::Infallible;
@@ -88,6 +89,11 @@ pub struct ServerArgs {
     /// Largest request body forwarded, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 << 20)]
     pub max_body_bytes: u64,
+    /// Failed agent authentications allowed per second from one source
+    /// address (bursts of four seconds' worth); beyond it /connect answers
+    /// 429 without checking the token. 0 disables the limit.
+    #[arg(long, env = "AUTH_FAILURE_RATE", default_value_t = 20.0)]
+    pub auth_failure_rate: f64,
     /// Forward `Impersonate-*` headers instead of stripping them.
     #[arg(long, env = "ALLOW_IMPERSONATION")]
     pub allow_impersonation: bool,
@@ -130,7 +136,10 @@ pub(crate) struct ServerState {
     clusters: RwLock<Arc<Clusters>>,
     tunnels: Registry,
     metrics: ServerMetrics,
-    limiter: proxy::RateLimiter,
+    /// Requests per second per cluster (`--rate-limit`).
+    limiter: ratelimit::RateLimiter<String>,
+    /// Failed agent authentications per source address.
+    auth_failures: ratelimit::RateLimiter<std::net::IpAddr>,
     /// Set on SIGTERM: no new tunnels or requests.
     draining: CancellationToken,
     mtls: bool,
@@ -246,7 +255,11 @@ impl RunningServer {
         };
         let state = Arc::new(ServerState {
             reporter,
-            limiter: proxy::RateLimiter::new(args.rate_limit),
+            limiter: ratelimit::RateLimiter::new(args.rate_limit, args.rate_limit),
+            auth_failures: ratelimit::RateLimiter::new(
+                args.auth_failure_rate,
+                args.auth_failure_rate * 4.0,
+            ),
             mtls: args.tls_client_ca.is_some(),
             args,
             clusters: RwLock::new(Arc::new(clusters)),

@@ -1,9 +1,8 @@
 //! The internal `/tunnel/{cluster}/...` endpoint: carries a caller's
 //! request over a new stream of the cluster's tunnel.
 
-use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::header::{self, HeaderValue};
@@ -61,7 +60,7 @@ pub(super) async fn proxy(
             "tether-server is shutting down",
         ),
         (Some(cluster), Some(tunnel)) => {
-            if !state.limiter.allow(&cluster.id) {
+            if !state.limiter.allow(&cluster.id.clone()) {
                 state.metrics.rate_limited.inc();
                 kube_status(
                     StatusCode::TOO_MANY_REQUESTS,
@@ -187,40 +186,6 @@ fn tunnel_failure(err: &hyper::Error) -> Response<Body> {
     )
 }
 
-/// Per-cluster token buckets: `rate` requests per second with a burst of
-/// one second's worth.
-pub(crate) struct RateLimiter {
-    rate: f64,
-    buckets: Mutex<HashMap<String, (f64, Instant)>>,
-}
-
-impl RateLimiter {
-    pub(crate) fn new(rate: f64) -> Self {
-        Self {
-            rate,
-            buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    pub(crate) fn allow(&self, cluster: &str) -> bool {
-        if self.rate <= 0.0 {
-            return true;
-        }
-        let burst = self.rate.max(1.0);
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        let (tokens, last) = buckets.entry(cluster.to_owned()).or_insert((burst, now));
-        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,14 +203,5 @@ mod tests {
             Some(("dev", "/api/v1/namespaces/a%2Fb"))
         );
         assert_eq!(split_tunnel_path("/other"), None);
-    }
-
-    #[test]
-    fn rate_limiter_allows_a_burst_then_refuses() {
-        let limiter = RateLimiter::new(5.0);
-        let allowed = (0..20).filter(|_| limiter.allow("a")).count();
-        assert_eq!(allowed, 5);
-        assert!(limiter.allow("b"), "clusters have separate buckets");
-        assert!(RateLimiter::new(0.0).allow("a"));
     }
 }
