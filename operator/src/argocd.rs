@@ -37,6 +37,31 @@ pub struct ClusterRegistration<'a> {
     pub tls: Option<&'a ClientTls>,
 }
 
+/// The cluster Secret of a ProxiedCluster, in `namespace`, as the operator
+/// registers it (and `kubectl tether bundle render` writes it).
+pub fn secret_for(
+    pc: &crate::crd::ProxiedCluster,
+    settings: &crate::settings::Settings,
+    namespace: &str,
+    tls: Option<&ClientTls>,
+) -> Secret {
+    use kube::ResourceExt;
+    let id = pc.cluster_id();
+    let owner_namespace = pc.namespace().unwrap_or_else(|| "default".into());
+    let owner_name = pc.name_any();
+    cluster_secret(&ClusterRegistration {
+        secret_name: &secret_name(&id),
+        namespace,
+        display_name: &id,
+        server: &settings.tunnel_url(&id),
+        project: pc.spec.argocd.project.as_deref(),
+        extra_labels: &pc.spec.argocd.labels,
+        annotations: &pc.spec.argocd.annotations,
+        owner: (&owner_namespace, &owner_name),
+        tls,
+    })
+}
+
 pub fn secret_name(cluster_id: &str) -> String {
     format!("tether-{cluster_id}")
 }

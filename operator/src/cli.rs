@@ -13,7 +13,7 @@ use kube::{Api, Client, ResourceExt};
 use sha2::{Digest, Sha256};
 use tether::pki::{CertInfo, CertificateAuthority, Issued, LeafRequest};
 
-use crate::argocd::{self, ClientTls, ClusterRegistration};
+use crate::argocd::{self, ClientTls};
 use crate::bundle::{self, BundleInput};
 use crate::crd::ProxiedCluster;
 use crate::pki::tls_secret;
@@ -333,19 +333,8 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
         key_pem: argocd_cert.key_pem.clone(),
     };
     let server_url = settings.tunnel_url(&id);
-    let owner_name = pc.name_any();
-    let owner_namespace = pc.namespace().unwrap_or_else(|| "default".into());
-    let registration = argocd::cluster_secret(&ClusterRegistration {
-        secret_name: &argocd::secret_name(&id),
-        namespace: &args.argocd_namespace,
-        display_name: &id,
-        server: &server_url,
-        project: pc.spec.argocd.project.as_deref(),
-        extra_labels: &pc.spec.argocd.labels,
-        annotations: &pc.spec.argocd.annotations,
-        owner: (&owner_namespace, &owner_name),
-        tls: Some(&argocd_tls),
-    });
+    let registration =
+        argocd::secret_for(&pc, &settings, &args.argocd_namespace, Some(&argocd_tls));
     let mut clusters_secret = Secret::default();
     clusters_secret.metadata.name = Some(settings.clusters_secret.clone());
     clusters_secret.metadata.namespace = Some(settings.namespace.clone());

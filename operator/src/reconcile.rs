@@ -22,7 +22,7 @@ use sha2::{Digest, Sha256};
 use tether::pki::{CertInfo, LeafRequest};
 use tracing::{info, warn};
 
-use crate::argocd::{self, ClusterRegistration};
+use crate::argocd;
 use crate::bundle::{self, BundleInput};
 use crate::crd::{BundleRef, CertificatesStatus, ProxiedCluster, ProxiedClusterStatus};
 use crate::objects::{Applied, delete_secret, ensure_secret, secret_text};
@@ -494,21 +494,14 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
     let argocd_api: Api<Secret> = Api::namespaced(ctx.client.clone(), &argocd_ns);
     let argocd_name = argocd::secret_name(&id);
     let argocd_secret = if pc.spec.argocd.enabled {
-        let server = settings.tunnel_url(&id);
-        let owner_name = pc.name_any();
-        let registration = ClusterRegistration {
-            secret_name: &argocd_name,
-            namespace: &argocd_ns,
-            display_name: &id,
-            server: &server,
-            project: pc.spec.argocd.project.as_deref(),
-            extra_labels: &pc.spec.argocd.labels,
-            annotations: &pc.spec.argocd.annotations,
-            owner: (&namespace, &owner_name),
-            tls: settings.tls.then_some(&pki.argocd),
-        };
+        let registration = argocd::secret_for(
+            pc,
+            settings,
+            &argocd_ns,
+            settings.tls.then_some(&pki.argocd),
+        );
         let current = argocd_api.get_opt(&argocd_name).await?;
-        if ensure_secret(&argocd_api, current, argocd::cluster_secret(&registration))
+        if ensure_secret(&argocd_api, current, registration)
             .await?
             .changed()
         {

@@ -3,10 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-
-fn parse_duration(value: &str) -> Result<Duration, String> {
-    humantime::parse_duration(value).map_err(|err| format!("{value:?}: {err}"))
-}
+use tether::server::parse_duration;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
