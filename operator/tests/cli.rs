@@ -1,6 +1,8 @@
 //! `kubectl tether`: offline rendering driving a real server and agent, and
 //! export/status against the in-memory API.
 
+mod support;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -9,10 +11,7 @@ use clap::Parser;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tether::agent::{Agent, AgentArgs};
-use tether::fake_apiserver::FakeApiServer;
-use tether::pki::{CertificateAuthority, LeafRequest};
 use tether::server::{RunningServer, ServerArgs};
-use tether::tls::ServerTlsFiles;
 use tether_operator::fake_api::FakeApi;
 use tether_operator::settings::Settings;
 use tokio_util::sync::CancellationToken;
@@ -70,33 +69,8 @@ async fn offline_render_runs_a_real_tunnel_and_keeps_clusters_apart() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     // The customer's API server.
-    let customer_ca =
-        CertificateAuthority::generate("customer CA", Duration::from_secs(3600)).expect("CA");
-    let leaf = customer_ca
-        .issue(&LeafRequest::server(
-            "api",
-            &["localhost"],
-            &["127.0.0.1".parse().expect("ip")],
-            Duration::from_secs(3600),
-        ))
-        .expect("leaf");
-    std::fs::write(d.join("api.crt"), &leaf.cert_pem).expect("write");
-    std::fs::write(d.join("api.key"), &leaf.key_pem).expect("write");
-    std::fs::write(d.join("customer-ca.crt"), customer_ca.cert_pem()).expect("write");
-    std::fs::write(d.join("sa-token"), "sa").expect("write");
-    let backend = FakeApiServer::start(
-        tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
-        Some(ServerTlsFiles {
-            cert: d.join("api.crt"),
-            key: d.join("api.key"),
-            client_ca: None,
-        }),
-        d.join("sa-token"),
-    )
-    .await
-    .expect("backend");
+    let customer = support::customer_api_server(d).await;
+    let backend = &customer.backend;
 
     // Render two clusters offline with one CA directory.
     let public = std::net::TcpListener::bind("127.0.0.1:0")

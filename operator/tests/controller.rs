@@ -145,6 +145,17 @@ fn condition(pc: &ProxiedCluster, type_: &str) -> Option<(String, String)> {
         .map(|c| (c.status.clone(), c.reason.clone()))
 }
 
+/// The Ready condition's message.
+fn ready_message(pc: ProxiedCluster) -> String {
+    pc.status
+        .expect("status")
+        .conditions
+        .into_iter()
+        .find(|c| c.type_ == "Ready")
+        .expect("Ready")
+        .message
+}
+
 fn reason(pc: &ProxiedCluster, type_: &str) -> String {
     condition(pc, type_).map(|(_, r)| r).unwrap_or_default()
 }
@@ -538,15 +549,7 @@ async fn invalid_specs_get_a_readable_false_condition() {
             reason(pc, "Ready") == "InvalidSpec"
         })
         .await;
-    let message = pc
-        .status
-        .expect("status")
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready")
-        .message
-        .clone();
+    let message = ready_message(pc);
     assert!(message.contains("not ws(s)://"), "{message}");
 
     op.create(
@@ -567,15 +570,7 @@ async fn invalid_specs_get_a_readable_false_condition() {
             reason(pc, "Ready") == "InvalidSpec"
         })
         .await;
-    let message = pc
-        .status
-        .expect("status")
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")
-        .expect("Ready")
-        .message
-        .clone();
+    let message = ready_message(pc);
     assert!(
         message.contains("already used by tenants/first"),
         "{message}"

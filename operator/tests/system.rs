@@ -3,6 +3,8 @@
 //! agent connects with the bundle's credentials over mTLS, the connection
 //! shows in status, and deletion closes the session, each within 5 s.
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -13,10 +15,7 @@ use kube::api::{DeleteParams, PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use tether::agent::{Agent, AgentArgs};
-use tether::fake_apiserver::FakeApiServer;
-use tether::pki::{CertificateAuthority, LeafRequest};
 use tether::server::{RunningServer, ServerArgs};
-use tether::tls::ServerTlsFiles;
 use tether_operator::crd::ProxiedCluster;
 use tether_operator::fake_api::FakeApi;
 use tether_operator::settings::Settings;
@@ -58,35 +57,11 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
     let client = api.client();
 
     // The customer's API server (its own CA, as in a real cluster).
-    let customer_ca =
-        CertificateAuthority::generate("customer cluster CA", Duration::from_secs(3600))
-            .expect("CA");
-    let apiserver = customer_ca
-        .issue(&LeafRequest::server(
-            "kube-apiserver",
-            &["localhost"],
-            &["127.0.0.1".parse().expect("ip")],
-            Duration::from_secs(3600),
-        ))
-        .expect("leaf");
-    let sa_token = write(dir.path(), "sa-token", b"customer-sa-token");
-    let backend = FakeApiServer::start(
-        tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
-        Some(ServerTlsFiles {
-            cert: write(dir.path(), "apiserver.crt", apiserver.cert_pem.as_bytes()),
-            key: write(dir.path(), "apiserver.key", apiserver.key_pem.as_bytes()),
-            client_ca: None,
-        }),
-        sa_token.clone(),
-    )
-    .await
-    .expect("backend");
-    let customer_ca_path = write(
-        dir.path(),
-        "customer-ca.crt",
-        customer_ca.cert_pem().as_bytes(),
+    let customer = support::customer_api_server(dir.path()).await;
+    let (backend, sa_token, customer_ca_path) = (
+        &customer.backend,
+        customer.sa_token.clone(),
+        customer.ca.clone(),
     );
 
     // The operator.
