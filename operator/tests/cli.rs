@@ -199,30 +199,14 @@ async fn offline_render_runs_a_real_tunnel_and_keeps_clusters_apart() {
         .expect("agent");
     eventually("acme connects", || server.is_connected("acme")).await;
     // ArgoCD's rendered client certificate reaches the backend through the tunnel.
-    let identity = (
-        tether::tls::load_certs(&d.join("server/argocd.crt")).expect("cert"),
-        tether::tls::load_key(&d.join("server/argocd.key")).expect("key"),
-    );
-    let config = tether::tls::client_config(
-        tether::tls::load_roots(&d.join("server/ca.crt")).expect("roots"),
-        Some(identity),
+    let answer = support::argocd_get(
+        server.internal_addr,
+        &d.join("server/ca.crt"),
+        &d.join("server/argocd.crt"),
+        &d.join("server/argocd.key"),
+        "/tunnel/acme/api/v1/namespaces",
     )
-    .expect("config");
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(server.internal_addr)
-        .await
-        .expect("connect");
-    let name = rustls::pki_types::ServerName::try_from("tether-server-internal.tether-system.svc")
-        .expect("name");
-    let mut tls = connector.connect(name, tcp).await.expect("mTLS");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tls.write_all(
-        b"GET /tunnel/acme/api/v1/namespaces HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    )
-    .await
-    .expect("write");
-    let mut answer = String::new();
-    tls.read_to_string(&mut answer).await.expect("read");
+    .await;
     assert!(
         answer.starts_with("HTTP/1.1 200") && answer.contains("NamespaceList"),
         "{answer}"

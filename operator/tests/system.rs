@@ -45,6 +45,18 @@ async fn within<T>(
     }
 }
 
+/// What the status says of the agent: tether-server's `connection.connected`
+/// and the operator's AgentConnected condition.
+fn shown_connection(pc: &ProxiedCluster) -> Option<(bool, String)> {
+    let status = pc.status.as_ref()?;
+    let connected = status.connection.as_ref()?.connected;
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "AgentConnected")?;
+    Some((connected, condition.status.clone()))
+}
+
 fn secret_data(secret: &Secret, key: &str) -> Vec<u8> {
     secret.data.as_ref().expect("data")[key].0.clone()
 }
@@ -193,14 +205,7 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
     // Status flows back: the connection (from the server) and AgentConnected (from the operator).
     let (pc, _) = within(FIVE_SECONDS, "connection in status", async || {
         let pc = clusters.get("acme").await.ok()?;
-        let connection = pc.status.as_ref()?.connection.as_ref()?;
-        let condition = pc
-            .status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "AgentConnected")?;
-        (connection.connected && condition.status == "True").then_some(pc)
+        (shown_connection(&pc)? == (true, "True".to_owned())).then_some(pc)
     })
     .await;
     let connection = pc
@@ -232,38 +237,22 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
         .get("tether-argocd-client-tls")
         .await
         .expect("ArgoCD cert");
-    let identity = (
-        tether::tls::load_certs(&write(
+    let answer = support::argocd_get(
+        server.internal_addr,
+        &dir.path().join("ca.crt"),
+        &write(
             dir.path(),
             "argocd.crt",
             &secret_data(&argocd_tls, "tls.crt"),
-        ))
-        .expect("cert"),
-        tether::tls::load_key(&write(
+        ),
+        &write(
             dir.path(),
             "argocd.key",
             &secret_data(&argocd_tls, "tls.key"),
-        ))
-        .expect("key"),
-    );
-    let roots = tether::tls::load_roots(&dir.path().join("ca.crt")).expect("roots");
-    let config = tether::tls::client_config(roots, Some(identity)).expect("config");
-    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(server.internal_addr)
-        .await
-        .expect("connect");
-    let name = rustls::pki_types::ServerName::try_from("tether-server-internal.tether-system.svc")
-        .expect("name");
-    let mut tls = connector
-        .connect(name, tcp)
-        .await
-        .expect("mTLS to the internal port");
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tls.write_all(b"GET /tunnel/acme/version HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut answer = String::new();
-    tls.read_to_string(&mut answer).await.expect("read");
+        ),
+        "/tunnel/acme/version",
+    )
+    .await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.contains("v1.33.0-tether-fake"));
 
@@ -272,14 +261,7 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
     agent.shutdown().await;
     within(FIVE_SECONDS, "disconnect in status", async || {
         let pc = clusters.get("acme").await.ok()?;
-        let connected = pc.status.as_ref()?.connection.as_ref()?.connected;
-        let condition = pc
-            .status
-            .as_ref()?
-            .conditions
-            .iter()
-            .find(|c| c.type_ == "AgentConnected")?;
-        (!connected && condition.status == "False").then_some(())
+        (shown_connection(&pc)? == (false, "False".to_owned())).then_some(())
     })
     .await;
     let agent = Agent::start(agent_args).await.expect("agent again");

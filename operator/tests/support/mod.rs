@@ -54,3 +54,36 @@ pub async fn customer_api_server(dir: &Path) -> CustomerApi {
         sa_token,
     }
 }
+
+/// A GET through tether-server's internal port as ArgoCD makes it: mTLS
+/// with `cert`/`key`, trusting `ca`; returns the raw HTTP/1.1 answer.
+pub async fn argocd_get(
+    internal: std::net::SocketAddr,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    path: &str,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let identity = (
+        tether::tls::load_certs(cert).expect("cert"),
+        tether::tls::load_key(key).expect("key"),
+    );
+    let roots = tether::tls::load_roots(ca).expect("roots");
+    let config = tether::tls::client_config(roots, Some(identity)).expect("config");
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(internal)
+        .await
+        .expect("connect");
+    let name = rustls::pki_types::ServerName::try_from("tether-server-internal.tether-system.svc")
+        .expect("name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("mTLS to the internal port");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    tls.write_all(request.as_bytes()).await.expect("write");
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.expect("read");
+    answer
+}
