@@ -5,6 +5,8 @@ pub mod agent;
 pub mod clusters;
 pub mod fake_apiserver;
 pub mod forward;
+#[doc(hidden)]
+pub mod harness;
 pub mod http;
 pub mod listen;
 pub mod logging;

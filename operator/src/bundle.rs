@@ -101,6 +101,34 @@ pub enum BundleError {
         kind: &'static str,
         source: serde_yaml_ng::Error,
     },
+    #[error("the bundle has no sha256 header")]
+    NoHashHeader,
+    #[error("the bundle's body does not match its sha256 header ({declared}); it was altered")]
+    Altered { declared: String },
+}
+
+/// The header line that carries the hash of the bundle's body.
+const HASH_HEADER: &str = "# sha256 of the non-comment lines: ";
+
+/// Checks a bundle against its own hash header, as a reviewer would with
+/// `grep -v '^#' | sha256sum`; returns the hash.
+pub fn verify(yaml: &str) -> Result<String, BundleError> {
+    let declared = yaml
+        .lines()
+        .find_map(|l| l.strip_prefix(HASH_HEADER))
+        .ok_or(BundleError::NoHashHeader)?;
+    let body: String = yaml
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let actual = hex::encode(Sha256::digest(body.as_bytes()));
+    if actual != declared {
+        return Err(BundleError::Altered {
+            declared: declared.to_owned(),
+        });
+    }
+    Ok(actual)
 }
 
 /// Broad by default, as ArgoCD's own `argocd-manager` ClusterRole: ArgoCD
@@ -413,7 +441,7 @@ pub fn render(input: &BundleInput) -> Result<Bundle, BundleError> {
          # but its health port ({health}).\n\
          # SECRET: contains the agent token and client key. Handle as a secret.\n\
          # Images to mirror: {image}\n\
-         # sha256 of the non-comment lines: {sha256}\n\
+         {HASH_HEADER}{sha256}\n\
          #   check: grep -v '^#' <this file> | sha256sum\n",
         id = input.cluster_id,
         ns = input.namespace,
@@ -529,4 +557,17 @@ mod tests {
     }
 
     use serde::Deserialize;
+
+    #[test]
+    fn tampered_bundles_are_detected() {
+        let yaml = "# sha256 of the non-comment lines: x\n---\nkind: Namespace\n";
+        assert!(verify(yaml).is_err());
+        let body = "---\nkind: Namespace\n";
+        let good = format!(
+            "# sha256 of the non-comment lines: {}\n{body}",
+            hex::encode(Sha256::digest(body))
+        );
+        assert!(verify(&good).is_ok());
+        assert!(verify(&good.replace("Namespace", "Nemaspace")).is_err());
+    }
 }

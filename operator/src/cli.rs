@@ -17,7 +17,9 @@ use crate::argocd::{self, ClientTls};
 use crate::bundle::{self, BundleInput};
 use crate::crd::ProxiedCluster;
 use crate::pki::tls_secret;
-use crate::reconcile::{BUNDLE_KEY, CLUSTERS_KEY, bundle_secret_name, server_entry};
+use crate::reconcile::{
+    BUNDLE_KEY, CLUSTERS_KEY, ValidSpec, bundle_secret_name, server_entry, validate_spec,
+};
 use crate::settings::{Settings, url_host};
 
 #[derive(Debug, Parser)]
@@ -117,25 +119,6 @@ async fn client_and_namespace(namespace: Option<String>) -> anyhow::Result<(Clie
     Ok((Client::try_from(config)?, namespace))
 }
 
-/// Splits a bundle into its header's declared hash and its body's real one.
-fn check_bundle(yaml: &str) -> anyhow::Result<String> {
-    let declared = yaml
-        .lines()
-        .find_map(|l| l.strip_prefix("# sha256 of the non-comment lines: "))
-        .context("the bundle has no sha256 header")?
-        .to_owned();
-    let body: String = yaml
-        .lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    let actual = hex::encode(Sha256::digest(body.as_bytes()));
-    if actual != declared {
-        bail!("the bundle's body does not match its sha256 header ({declared}); it was altered");
-    }
-    Ok(actual)
-}
-
 /// Writes secret material to `output`: a file (mode 0600) or, only when
 /// asked with `-`, stdout.
 fn write_secret_output(output: &Path, contents: &str) -> anyhow::Result<()> {
@@ -189,7 +172,7 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
         .and_then(|d| d.get(BUNDLE_KEY))
         .map(|b| String::from_utf8_lossy(&b.0).into_owned())
         .with_context(|| format!("Secret {name} has no {BUNDLE_KEY}"))?;
-    let sha256 = check_bundle(&yaml)?;
+    let sha256 = bundle::verify(&yaml)?;
     write_secret_output(&output, &yaml)?;
     eprintln!(
         "bundle for cluster {} written to {} (sha256 {sha256}); it contains secrets: hand it over as one",
@@ -254,18 +237,12 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.file.display()))?;
     let pc: ProxiedCluster = serde_yaml_ng::from_str(&manifest)
         .with_context(|| format!("{} is not a ProxiedCluster", args.file.display()))?;
-    let id = pc.cluster_id();
-    if !tether::clusters::is_dns_label(&id) {
-        bail!("cluster id {id:?} is not a DNS label");
-    }
-    let public_url = pc
-        .spec
-        .public_url
-        .clone()
-        .or(args.public_url.clone())
-        .context("no public URL: set spec.publicUrl or pass --public-url")?;
-    let lifetime = humantime::parse_duration(&pc.spec.certificates.agent_duration)
-        .context("spec.certificates.agentDuration")?;
+    let ValidSpec {
+        cluster_id: id,
+        agent_cert_lifetime: lifetime,
+        public_url,
+    } = validate_spec(&pc, args.public_url.as_deref())
+        .map_err(|problem| anyhow::anyhow!("{}: {problem}", args.file.display()))?;
     let ca = load_or_create_ca(&args.ca_dir)?;
 
     // The token is kept beside the CA so a re-render reuses it.
@@ -471,22 +448,4 @@ pub fn status_table(items: &[ProxiedCluster]) -> String {
             format!("{}\n", cells.join("   ").trim_end())
         })
         .collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tampered_bundles_are_detected() {
-        let yaml = "# sha256 of the non-comment lines: x\n---\nkind: Namespace\n";
-        assert!(check_bundle(yaml).is_err());
-        let body = "---\nkind: Namespace\n";
-        let good = format!(
-            "# sha256 of the non-comment lines: {}\n{body}",
-            hex::encode(Sha256::digest(body))
-        );
-        assert!(check_bundle(&good).is_ok());
-        assert!(check_bundle(&good.replace("Namespace", "Nemaspace")).is_err());
-    }
 }

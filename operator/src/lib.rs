@@ -7,6 +7,8 @@ pub mod bundle;
 pub mod cli;
 pub mod crd;
 pub mod fake_api;
+#[doc(hidden)]
+pub mod harness;
 pub mod leader;
 pub mod objects;
 pub mod pki;

@@ -180,9 +180,22 @@ fn owned_meta(
     }
 }
 
-/// Spec problems the schema cannot catch. `Err` carries a message for the
+/// What a spec that passes [`validate_spec`] settles.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidSpec {
+    pub cluster_id: String,
+    pub agent_cert_lifetime: Duration,
+    /// The agent dials this: the spec's, else the operator's default.
+    pub public_url: String,
+}
+
+/// Spec problems the schema cannot catch, in one place for the reconciler
+/// and `kubectl tether bundle render`. `Err` carries a message for the
 /// Ready condition.
-fn validate(pc: &ProxiedCluster, ctx: &Context) -> Result<Duration, String> {
+pub fn validate_spec(
+    pc: &ProxiedCluster,
+    default_public_url: Option<&str>,
+) -> Result<ValidSpec, String> {
     let id = pc.cluster_id();
     if !tether::clusters::is_dns_label(&id) {
         return Err(format!(
@@ -194,13 +207,28 @@ fn validate(pc: &ProxiedCluster, ctx: &Context) -> Result<Duration, String> {
     if lifetime < Duration::from_secs(3600) {
         return Err("spec.certificates.agentDuration must be at least 1h".into());
     }
-    let url = public_url(pc, &ctx.settings)
+    let url = pc
+        .spec
+        .public_url
+        .as_deref()
+        .or(default_public_url)
         .ok_or("no public URL: set spec.publicUrl or the operator's --public-url")?;
-    if !(url.starts_with("wss://") || url.starts_with("ws://")) || url_host(&url).is_none() {
+    if !(url.starts_with("wss://") || url.starts_with("ws://")) || url_host(url).is_none() {
         return Err(format!("public URL {url:?} is not ws(s)://host[:port]"));
     }
+    Ok(ValidSpec {
+        cluster_id: id,
+        agent_cert_lifetime: lifetime,
+        public_url: url.to_owned(),
+    })
+}
+
+/// [`validate_spec`], and the cluster id is not already taken by an older
+/// ProxiedCluster.
+fn validate(pc: &ProxiedCluster, ctx: &Context) -> Result<ValidSpec, String> {
+    let valid = validate_spec(pc, ctx.settings.public_url.as_deref())?;
     if let Some(other) = ctx.store.state().iter().find(|other| {
-        other.cluster_id() == id
+        other.cluster_id() == valid.cluster_id
             && other.uid() != pc.uid()
             && (
                 other.creation_timestamp(),
@@ -209,19 +237,13 @@ fn validate(pc: &ProxiedCluster, ctx: &Context) -> Result<Duration, String> {
             ) < (pc.creation_timestamp(), pc.namespace(), pc.name_any())
     }) {
         return Err(format!(
-            "cluster id {id:?} is already used by {}/{}",
+            "cluster id {:?} is already used by {}/{}",
+            valid.cluster_id,
             other.namespace().unwrap_or_default(),
             other.name_any()
         ));
     }
-    Ok(lifetime)
-}
-
-fn public_url(pc: &ProxiedCluster, settings: &Settings) -> Option<String> {
-    pc.spec
-        .public_url
-        .clone()
-        .or_else(|| settings.public_url.clone())
+    Ok(valid)
 }
 
 fn new_token() -> String {
@@ -347,7 +369,7 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
     let id = pc.cluster_id();
     let mut conditions = Conditions::new(pc);
     let lifetime = match validate(pc, ctx) {
-        Ok(lifetime) => lifetime,
+        Ok(valid) => valid.agent_cert_lifetime,
         Err(problem) => {
             let was_invalid = conditions
                 .previous
