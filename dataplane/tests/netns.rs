@@ -12,9 +12,10 @@ mod support;
 
 use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use support::procs::Proc;
 use support::{Pki, cluster_json};
 use tether::fake_apiserver::FakeApiServer;
 use tether::pki::LeafRequest;
@@ -172,15 +173,6 @@ impl Drop for Net {
         for ns in [&self.management, &self.customer] {
             let _ = Command::new("ip").args(["netns", "delete", ns]).status();
         }
-    }
-}
-
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -349,11 +341,6 @@ impl World {
     }
 }
 
-fn kill(proc: &mut Proc) {
-    let _ = proc.0.kill();
-    let _ = proc.0.wait();
-}
-
 /// The agent connects out of a customer namespace that admits no inbound
 /// connection, and requests reach its API server; from the management side
 /// nothing in the customer namespace can be reached, not even the agent's
@@ -438,7 +425,7 @@ async fn server_restart_mid_watch_is_a_visible_error() {
     let watch = world.management(path, &[]);
     let killing = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        kill(&mut server);
+        server.kill();
     };
     let ((code, status, body), ()) = tokio::join!(watch, killing);
     let events = body
@@ -474,7 +461,7 @@ async fn agent_killed_mid_request_is_a_visible_error() {
     let download = world.management(&path, &["--limit-rate", "4M", "-o", "/dev/null"]);
     let killing = async {
         tokio::time::sleep(Duration::from_secs(2)).await;
-        kill(&mut agent);
+        agent.kill();
     };
     let ((code, status, _), ()) = tokio::join!(download, killing);
     eprintln!("download cut: curl exit {code}, status {status}");

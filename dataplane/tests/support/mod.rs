@@ -2,6 +2,8 @@
 //! and real tether-server / tether-agent instances on 127.0.0.1.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod procs;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -343,6 +345,16 @@ pub struct TestClient {
 
 impl TestClient {
     pub fn new(ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Self {
+        Self::from_source(ca, identity, None)
+    }
+
+    /// A client whose connections come from `source` (any 127.0.0.0/8
+    /// address is this machine), to play another host.
+    pub fn from_source(
+        ca: Option<&Path>,
+        identity: Option<(&Path, &Path)>,
+        source: Option<std::net::IpAddr>,
+    ) -> Self {
         tether::install_crypto_provider();
         let roots = match ca {
             Some(ca) => tls::load_roots(ca).expect("roots"),
@@ -357,6 +369,7 @@ impl TestClient {
         let config = tls::client_config(roots, identity).expect("client config");
         let mut http = HttpConnector::new();
         http.enforce_http(false);
+        http.set_local_address(source);
         let connector = HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_or_http()

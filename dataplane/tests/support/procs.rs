@@ -1,0 +1,199 @@
+//! The real tether-server and tether-agent binaries as child processes
+//! against the API server double, for tests that signal, kill or measure
+//! them.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tether::fake_apiserver::FakeApiServer;
+use tether::tls::ServerTlsFiles;
+use tokio::net::TcpListener;
+
+use super::{Pki, TestClient, WAIT, cluster_json};
+
+pub const AGENT_TOKEN: &str = "agent-token-4f9a1c0e7d";
+pub const SA_TOKEN: &str = "sa-token-b83e22d1f6";
+pub const CALLER_TOKEN: &str = "caller-token-77ac0b9e";
+pub const WRONG_TOKEN: &str = "wrong-token-3d1e5f02";
+
+pub struct Proc(pub Child);
+
+impl Proc {
+    /// SIGKILL, and reaped.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+
+    /// Resident memory (VmRSS) in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+            .expect("process status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn signal(child: &Child, name: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(child.id().to_string())
+        .status();
+    assert!(status.is_ok_and(|s| s.success()), "kill -{name}");
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+pub struct World {
+    pub pki: Pki,
+    pub backend: FakeApiServer,
+    pub clusters: PathBuf,
+    pub public: u16,
+    pub internal: u16,
+}
+
+impl World {
+    pub async fn new() -> Self {
+        let pki = Pki::new();
+        let sa = pki.path("sa-token");
+        std::fs::write(&sa, SA_TOKEN).expect("sa");
+        let backend = FakeApiServer::start(
+            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+            Some(ServerTlsFiles {
+                cert: pki.path("apiserver.crt"),
+                key: pki.path("apiserver.key"),
+                client_ca: None,
+            }),
+            sa,
+        )
+        .await
+        .expect("backend");
+        let clusters = pki.path("clusters.json");
+        std::fs::write(
+            &clusters,
+            cluster_json(&[("dev", AGENT_TOKEN, &backend.addr.to_string())]),
+        )
+        .expect("clusters");
+        Self {
+            pki,
+            backend,
+            clusters,
+            public: free_port(),
+            internal: free_port(),
+        }
+    }
+
+    pub fn log(&self, name: &str) -> PathBuf {
+        self.pki.path(&format!("{name}.log"))
+    }
+
+    pub fn server(&self, extra: &[&str]) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log("server"))
+            .expect("log");
+        Proc(
+            Command::new(env!("CARGO_BIN_EXE_tether-server"))
+                .args(["--addr", &format!("127.0.0.1:{}", self.public)])
+                .args(["--internal-addr", &format!("127.0.0.1:{}", self.internal)])
+                .arg("--clusters")
+                .arg(&self.clusters)
+                .arg("--tls-cert")
+                .arg(self.pki.path("server.crt"))
+                .arg("--tls-key")
+                .arg(self.pki.path("server.key"))
+                .args(["--log-level", "trace", "--keepalive-interval", "1s"])
+                .args(extra)
+                .env("CLUSTERS", "[]")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("tether-server starts"),
+        )
+    }
+
+    pub fn agent(&self, token: &str) -> Proc {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log("agent"))
+            .expect("log");
+        let token_file = self.pki.path(&format!("token-{token}"));
+        std::fs::write(&token_file, token).expect("token");
+        Proc(
+            Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+                .args(["--server", &format!("wss://localhost:{}", self.public)])
+                .arg("--token-file")
+                .arg(&token_file)
+                .args(["--target", &self.backend.addr.to_string()])
+                .arg("--sa-token-path")
+                .arg(self.pki.path("sa-token"))
+                .arg("--ca-cert")
+                .arg(self.pki.path("ca.crt"))
+                .arg("--server-ca-cert")
+                .arg(self.pki.path("ca.crt"))
+                .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
+                .args([
+                    "--log-level",
+                    "trace",
+                    "--max-retry",
+                    "30s",
+                    "--keepalive-interval",
+                    "1s",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("tether-agent starts"),
+        )
+    }
+
+    pub fn client(&self) -> TestClient {
+        TestClient::new(Some(&self.pki.path("ca.crt")), None)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.internal)
+    }
+
+    /// Waits until the server reports an agent connected (its /readyz).
+    pub async fn wait_ready(&self) -> Duration {
+        let client = self.client();
+        let started = Instant::now();
+        loop {
+            if let Ok(answer) = client
+                .request(
+                    http::Method::GET,
+                    &self.url("/readyz"),
+                    &[],
+                    Default::default(),
+                )
+                .await
+                && answer.status == http::StatusCode::OK
+            {
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < WAIT, "server never became ready");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
