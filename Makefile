@@ -68,10 +68,12 @@ docker:
 
 ## Tunnel vs direct, side by side; prints a table and writes BENCHMARKS.md.
 bench:
+	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -p tether-bench
 
 ## The same in a few seconds, writing nothing (CI checks that it runs).
 bench-quick:
+	$(CARGO) build -q --workspace --bins
 	$(CARGO) run -q -p tether-bench -- --quick --output -
 
 ## tether's main job on this machine, no cluster needed.

@@ -4,6 +4,7 @@
 
 mod rig;
 mod scale;
+mod streams;
 
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
@@ -25,6 +26,10 @@ struct Args {
     /// Where to write the report (default: BENCHMARKS.md; `-` for none).
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: String,
+    /// Internal: run only the API server double, on the certificates in
+    /// this directory (the concurrency benchmark's backend process).
+    #[arg(long, hide = true)]
+    serve_backend: Option<std::path::PathBuf>,
 }
 
 /// One measured figure: the direct path, the tunnel, and what they mean.
@@ -270,6 +275,29 @@ async fn head_of_line_row(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// N watches open at once through one tunnel, every party its own process.
+async fn concurrency_rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
+    let sizes: &[usize] = if quick { &[100] } else { &[1000, 10000] };
+    for &count in sizes {
+        let outcome = streams::open_at_once(count).await?;
+        rows.push(Row {
+            name: format!("{count} streams at once on one tunnel (3-event watches, mTLS)"),
+            direct: "-".into(),
+            tunnel: format!(
+                "all {count} complete in {:.1} s ({} open at the peak); peak RSS: server {} MiB, agent {} MiB (API server double {} MiB)",
+                outcome.elapsed.as_secs_f64(),
+                outcome.peak_open,
+                outcome.server_peak_kib / 1024,
+                outcome.agent_peak_kib / 1024,
+                outcome.backend_peak_kib / 1024,
+            ),
+            ratio: "-".into(),
+            target: "10,000 streams on one tunnel".into(),
+        });
+    }
+    Ok(())
+}
+
 fn kib(rss_before: u64, rss_after: u64, agents: usize) -> f64 {
     rss_after.saturating_sub(rss_before) as f64 / agents as f64
 }
@@ -413,11 +441,15 @@ fn table(rows: &[Row]) -> String {
 async fn main() -> Result<()> {
     let args = Args::parse();
     tether::install_crypto_provider();
+    if let Some(dir) = &args.serve_backend {
+        return streams::serve_backend(dir).await;
+    }
     let started = Instant::now();
     let mut rows = Vec::new();
     throughput_rows(&mut rows, args.quick).await?;
     latency_rows(&mut rows, args.quick).await?;
     head_of_line_row(&mut rows, args.quick).await?;
+    concurrency_rows(&mut rows, args.quick).await?;
     idle_agents_rows(&mut rows, args.quick).await?;
     reconnect_row(&mut rows, args.quick).await?;
     operator_row(&mut rows, args.quick).await?;

@@ -1,7 +1,9 @@
 //! The benchmark's setup: certificates, the API server double, tether-server
 //! and tether-agent on loopback, and clients for both paths.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -20,6 +22,7 @@ use tether::server::{RunningServer, ServerArgs};
 use tether::tls::{self, ServerTlsFiles};
 
 const SA_TOKEN: &str = "bench-serviceaccount-token";
+const AGENT_TOKEN: &str = "bench-agent-token";
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// CPU time (user + system) this process has used, in seconds.
@@ -35,6 +38,74 @@ pub fn cpu_seconds() -> f64 {
             .unwrap_or(0.0)
     };
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// A child process whose memory the benchmark reads; killed on drop.
+pub struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Process {
+    /// Starts one of tether's binaries, found beside this one.
+    pub fn tether(binary: &str, args: &[String]) -> Result<Self> {
+        let child = Command::new(sibling(binary)?)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {binary}"))?;
+        Ok(Self(child))
+    }
+
+    pub fn from_child(child: Child) -> Self {
+        Self(child)
+    }
+
+    fn status_kib(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix(field))
+                    .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Resident memory now, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        self.status_kib("VmRSS:")
+    }
+
+    /// The most resident memory the process has had, in KiB.
+    pub fn peak_kib(&self) -> u64 {
+        self.status_kib("VmHWM:")
+    }
+}
+
+/// One of tether's binaries, beside the benchmark's own (`make bench`
+/// builds them).
+fn sibling(name: &str) -> Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} not found: build the binaries (cargo build --bins)",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// A free loopback port, for a child process to listen on.
+pub fn free_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// An HTTP/1.1 client with keep-alive, TLS when the URL says https.
@@ -78,8 +149,160 @@ impl Client {
     }
 }
 
+/// Certificates, tokens and the clusters file of one benchmark setup, in a
+/// temporary directory, and the flags that start tether on them.
+pub struct Setup {
+    dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub sa_token: PathBuf,
+    server: (PathBuf, PathBuf),
+    pub api: (PathBuf, PathBuf),
+    agent: (PathBuf, PathBuf),
+    pub argocd: (PathBuf, PathBuf),
+}
+
+impl Setup {
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let ca = CertificateAuthority::generate("bench CA", HOUR)?;
+        let write = |name: &str, text: &str| -> Result<PathBuf> {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text)?;
+            Ok(path)
+        };
+        let ca_path = write("ca.crt", ca.cert_pem())?;
+        let loopback = ["127.0.0.1".parse()?];
+        let issue = |name: &str, request: LeafRequest| -> Result<(PathBuf, PathBuf)> {
+            let issued = ca.issue(&request)?;
+            Ok((
+                write(&format!("{name}.crt"), &issued.cert_pem)?,
+                write(&format!("{name}.key"), &issued.key_pem)?,
+            ))
+        };
+        let server = issue(
+            "server",
+            LeafRequest::server("tether-server", &["localhost"], &loopback, HOUR),
+        )?;
+        let api = issue(
+            "api",
+            LeafRequest::server("api", &["localhost"], &loopback, HOUR),
+        )?;
+        let agent = issue("agent", LeafRequest::agent("dev", HOUR))?;
+        let argocd = issue("argocd", LeafRequest::client("argocd", HOUR))?;
+        let sa_token = write("sa-token", SA_TOKEN)?;
+        Ok(Self {
+            ca: ca_path,
+            sa_token,
+            server,
+            api,
+            agent,
+            argocd,
+            dir,
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The API server double's TLS files.
+    pub fn api_tls(&self) -> ServerTlsFiles {
+        ServerTlsFiles {
+            cert: self.api.0.clone(),
+            key: self.api.1.clone(),
+            client_ca: None,
+        }
+    }
+
+    /// tether-server's flags (after the program name) for cluster "dev"
+    /// behind `backend`. `tls`: mTLS on both ports; otherwise plain.
+    pub fn server_args(
+        &self,
+        tls: bool,
+        public: &str,
+        internal: &str,
+        backend: SocketAddr,
+    ) -> Result<Vec<String>> {
+        let clusters = self.path("clusters.json");
+        std::fs::write(
+            &clusters,
+            serde_json::json!([{"id": "dev", "token": AGENT_TOKEN, "targetAddr": backend.to_string()}])
+                .to_string(),
+        )?;
+        let mut args = vec![
+            "--addr".into(),
+            public.into(),
+            "--internal-addr".into(),
+            internal.into(),
+            "--clusters".into(),
+            clusters.display().to_string(),
+            "--log-level".into(),
+            "error".into(),
+            "--max-streams-per-tunnel".into(),
+            "20000".into(),
+            // Uploads of the size measured here, not the 32 MiB default cap.
+            "--max-body-bytes".into(),
+            (1u64 << 30).to_string(),
+        ];
+        if tls {
+            args.extend([
+                "--tls-cert".into(),
+                self.server.0.display().to_string(),
+                "--tls-key".into(),
+                self.server.1.display().to_string(),
+                "--tls-client-ca".into(),
+                self.ca.display().to_string(),
+            ]);
+        }
+        Ok(args)
+    }
+
+    /// tether-agent's flags (after the program name) for cluster "dev".
+    pub fn agent_args(&self, tls: bool, server_port: u16, backend: SocketAddr) -> Vec<String> {
+        let scheme = if tls { "wss" } else { "ws" };
+        let mut args = vec![
+            "--server".into(),
+            format!("{scheme}://localhost:{server_port}"),
+            "--token".into(),
+            AGENT_TOKEN.into(),
+            "--target".into(),
+            backend.to_string(),
+            "--sa-token-path".into(),
+            self.sa_token.display().to_string(),
+            "--ca-cert".into(),
+            self.ca.display().to_string(),
+            "--health-addr".into(),
+            "127.0.0.1:0".into(),
+            "--log-level".into(),
+            "error".into(),
+            "--max-conns".into(),
+            "20000".into(),
+        ];
+        if tls {
+            args.extend([
+                "--server-ca-cert".into(),
+                self.ca.display().to_string(),
+                "--client-cert".into(),
+                self.agent.0.display().to_string(),
+                "--client-key".into(),
+                self.agent.1.display().to_string(),
+            ]);
+        } else {
+            args.push("--allow-insecure-server".into());
+        }
+        args
+    }
+
+    /// A client for tether-server's internal port (ArgoCD's certificate
+    /// when `tls`).
+    pub fn client(&self, tls: bool) -> Result<Client> {
+        Client::new(tls::load_roots(&self.ca)?, tls.then(|| self.argocd.clone()))
+    }
+}
+
+/// Server, agent and API server double in this process.
 pub struct Rig {
-    _dir: tempfile::TempDir,
+    _setup: Setup,
     backend: FakeApiServer,
     server: RunningServer,
     agent: Agent,
@@ -95,118 +318,32 @@ impl Rig {
     /// ports and wss between agent and server; otherwise plain ws and http
     /// (the API server hop is TLS either way, as in production).
     pub async fn start(tls: bool) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let d = dir.path();
-        let ca = CertificateAuthority::generate("bench CA", HOUR)?;
-        let write = |name: &str, text: &str| -> Result<PathBuf> {
-            let path = d.join(name);
-            std::fs::write(&path, text)?;
-            Ok(path)
-        };
-        let ca_path = write("ca.crt", ca.cert_pem())?;
-        let loopback = ["127.0.0.1".parse()?];
-        let issue = |name: &str, request: LeafRequest| -> Result<(PathBuf, PathBuf)> {
-            let issued = ca.issue(&request)?;
-            Ok((
-                write(&format!("{name}.crt"), &issued.cert_pem)?,
-                write(&format!("{name}.key"), &issued.key_pem)?,
-            ))
-        };
-        let server_pair = issue(
-            "server",
-            LeafRequest::server("tether-server", &["localhost"], &loopback, HOUR),
-        )?;
-        let api_pair = issue(
-            "api",
-            LeafRequest::server("api", &["localhost"], &loopback, HOUR),
-        )?;
-        let agent_pair = issue("agent", LeafRequest::agent("dev", HOUR))?;
-        let argocd_pair = issue("argocd", LeafRequest::client("argocd", HOUR))?;
-        let sa = write("sa-token", SA_TOKEN)?;
+        let setup = Setup::new()?;
         let backend = FakeApiServer::start(
             tokio::net::TcpListener::bind("127.0.0.1:0").await?,
-            Some(ServerTlsFiles {
-                cert: api_pair.0,
-                key: api_pair.1,
-                client_ca: None,
-            }),
-            sa.clone(),
+            Some(setup.api_tls()),
+            setup.sa_token.clone(),
         )
         .await?;
-        let clusters = write(
-            "clusters.json",
-            &serde_json::json!([{"id": "dev", "token": "bench-agent-token", "targetAddr": backend.addr.to_string()}]).to_string(),
-        )?;
-        let mut server_args = vec![
-            "tether-server".to_owned(),
-            "--addr".into(),
-            "127.0.0.1:0".into(),
-            "--internal-addr".into(),
-            "127.0.0.1:0".into(),
-            "--clusters".into(),
-            clusters.display().to_string(),
-            "--log-level".into(),
-            "error".into(),
-            "--max-streams-per-tunnel".into(),
-            "20000".into(),
-            // Uploads of the size measured here, not the 32 MiB default cap.
-            "--max-body-bytes".into(),
-            (1u64 << 30).to_string(),
-        ];
-        if tls {
-            server_args.extend([
-                "--tls-cert".into(),
-                server_pair.0.display().to_string(),
-                "--tls-key".into(),
-                server_pair.1.display().to_string(),
-                "--tls-client-ca".into(),
-                ca_path.display().to_string(),
-            ]);
-        }
-        let server = RunningServer::start(ServerArgs::parse_from(server_args)).await?;
-        let scheme = if tls { "wss" } else { "ws" };
-        let mut agent_args = vec![
-            "tether-agent".to_owned(),
-            "--server".into(),
-            format!("{scheme}://localhost:{}", server.public_addr.port()),
-            "--token".into(),
-            "bench-agent-token".into(),
-            "--target".into(),
-            backend.addr.to_string(),
-            "--sa-token-path".into(),
-            sa.display().to_string(),
-            "--ca-cert".into(),
-            ca_path.display().to_string(),
-            "--health-addr".into(),
-            "127.0.0.1:0".into(),
-            "--log-level".into(),
-            "error".into(),
-            "--max-conns".into(),
-            "20000".into(),
-        ];
-        if tls {
-            agent_args.extend([
-                "--server-ca-cert".into(),
-                ca_path.display().to_string(),
-                "--client-cert".into(),
-                agent_pair.0.display().to_string(),
-                "--client-key".into(),
-                agent_pair.1.display().to_string(),
-            ]);
-        } else {
-            agent_args.push("--allow-insecure-server".into());
-        }
-        let agent = Agent::start(AgentArgs::parse_from(agent_args)).await?;
+        let server_args = setup.server_args(tls, "127.0.0.1:0", "127.0.0.1:0", backend.addr)?;
+        let server = RunningServer::start(ServerArgs::parse_from(
+            std::iter::once("tether-server".to_owned()).chain(server_args),
+        ))
+        .await?;
+        let agent_args = setup.agent_args(tls, server.public_addr.port(), backend.addr);
+        let agent = Agent::start(AgentArgs::parse_from(
+            std::iter::once("tether-agent".to_owned()).chain(agent_args),
+        ))
+        .await?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !server.is_connected("dev") {
             anyhow::ensure!(Instant::now() < deadline, "agent did not connect");
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        let roots = tls::load_roots(&ca_path)?;
-        let client = Client::new(roots.clone(), tls.then_some(argocd_pair))?;
-        let direct = Client::new(roots, None)?;
+        let client = setup.client(tls)?;
+        let direct = setup.client(false)?;
         Ok(Self {
-            _dir: dir,
+            _setup: setup,
             backend,
             server,
             agent,

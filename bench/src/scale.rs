@@ -5,41 +5,15 @@
 //! session), one TCP connection each.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rustls::pki_types::ServerName;
 use tether::mux::{Role, Session, SessionConfig};
 use tether::pki::{CertificateAuthority, LeafRequest};
 use tokio_rustls::TlsConnector;
 
-pub struct ServerProcess(Child);
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl ServerProcess {
-    /// Resident memory of the server process, in KiB.
-    pub fn rss_kib(&self) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))
-            .ok()
-            .and_then(|s| {
-                s.lines().find(|l| l.starts_with("VmRSS:")).map(|l| {
-                    l.split_whitespace()
-                        .nth(1)
-                        .unwrap_or("0")
-                        .parse()
-                        .unwrap_or(0)
-                })
-            })
-            .unwrap_or(0)
-    }
-}
+use crate::rig::{Process, free_port};
 
 pub struct Fleet {
     dir: tempfile::TempDir,
@@ -76,12 +50,7 @@ impl Fleet {
         let roots = tether::tls::load_roots(&dir.path().join("ca.crt"))?;
         let mut config = tether::tls::client_config(roots, None)?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let free = || -> Result<u16> {
-            Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port())
-        };
-        let (port, internal_port) = (free()?, free()?);
+        let (port, internal_port) = (free_port()?, free_port()?);
         Ok(Self {
             dir,
             port,
@@ -101,27 +70,25 @@ impl Fleet {
     }
 
     /// Starts tether-server (TLS, token auth) as a child process.
-    pub fn start_server(&self) -> Result<ServerProcess> {
-        let binary = sibling("tether-server")?;
-        let child = Command::new(binary)
-            .args(["--addr", &format!("127.0.0.1:{}", self.port)])
-            .args([
-                "--internal-addr",
-                &format!("127.0.0.1:{}", self.internal_port),
-            ])
-            .arg("--clusters")
-            .arg(self.path("clusters.json"))
-            .arg("--tls-cert")
-            .arg(self.path("server.crt"))
-            .arg("--tls-key")
-            .arg(self.path("server.key"))
-            .args(["--log-level", "error", "--keepalive-interval", "15s"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting tether-server")?;
-        let server = ServerProcess(child);
+    pub fn start_server(&self) -> Result<Process> {
+        let path = |name: &str| self.path(name).display().to_string();
+        let args = [
+            "--addr".into(),
+            format!("127.0.0.1:{}", self.port),
+            "--internal-addr".into(),
+            format!("127.0.0.1:{}", self.internal_port),
+            "--clusters".into(),
+            path("clusters.json"),
+            "--tls-cert".into(),
+            path("server.crt"),
+            "--tls-key".into(),
+            path("server.key"),
+            "--log-level".into(),
+            "error".into(),
+            "--keepalive-interval".into(),
+            "15s".into(),
+        ];
+        let server = Process::tether("tether-server", &args)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
             anyhow::ensure!(Instant::now() < deadline, "tether-server did not listen");
@@ -197,14 +164,4 @@ impl Fleet {
             }
         }
     }
-}
-
-fn sibling(name: &str) -> Result<PathBuf> {
-    let path = std::env::current_exe()?.with_file_name(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} not found: build the binaries (cargo build --bins)",
-        path.display()
-    );
-    Ok(path)
 }
