@@ -94,6 +94,32 @@ fn probe_dev(
     })
 }
 
+/// Stops the probe of "dev" and checks what the attack left: every request
+/// answered, and the server's memory within bounds. Returns the probe count.
+async fn check_dev_unaffected(
+    stop: &AtomicBool,
+    probe: tokio::task::JoinHandle<(usize, Duration, Vec<String>)>,
+    server: &Proc,
+    baseline_kib: u64,
+    attack: &str,
+) -> usize {
+    stop.store(true, Ordering::Relaxed);
+    let (requests, slowest, failures) = probe.await.expect("probe");
+    let grown = server.rss_kib().saturating_sub(baseline_kib);
+    eprintln!(
+        "dev during {attack}: {requests} requests, slowest {slowest:?}; server RSS +{grown} KiB"
+    );
+    assert!(
+        failures.is_empty(),
+        "dev failed during {attack}: {failures:?}"
+    );
+    assert!(
+        grown < RSS_GROWTH_LIMIT_KIB,
+        "server RSS grew by {grown} KiB"
+    );
+    requests
+}
+
 /// The rogue's flood, frame `i`: Connects it may not send, Data for
 /// streams it does not have (including ids "dev" uses on its own tunnel),
 /// unknown types and runts.
@@ -203,19 +229,8 @@ async fn rogue_agent_floods_are_cut_off_and_other_clusters_unaffected() {
     .await;
     assert!(ended.is_ok(), "an oversized frame ends the session");
 
-    stop.store(true, Ordering::Relaxed);
-    let (requests, slowest, failures) = probe.await.expect("probe");
-    let grown = server.rss_kib().saturating_sub(baseline);
-    eprintln!("dev: {requests} requests, slowest {slowest:?}; server RSS +{grown} KiB");
-    assert!(
-        failures.is_empty(),
-        "dev failed during the floods: {failures:?}"
-    );
+    let requests = check_dev_unaffected(&stop, probe, &server, baseline, "the floods").await;
     assert!(requests >= 10, "dev was probed");
-    assert!(
-        grown < RSS_GROWTH_LIMIT_KIB,
-        "server RSS grew by {grown} KiB"
-    );
     let metrics = world.client().get(&world.url("/metrics")).await.text();
     assert!(metrics.contains("agents_connected 1"), "{metrics}");
 }
@@ -307,18 +322,7 @@ async fn wrong_token_spray_is_rate_limited_per_source() {
         "most attempts were refused before token work"
     );
 
-    stop.store(true, Ordering::Relaxed);
-    let (requests, slowest, failures) = probe.await.expect("probe");
-    let grown = server.rss_kib().saturating_sub(baseline);
-    eprintln!("dev: {requests} requests, slowest {slowest:?}; server RSS +{grown} KiB");
-    assert!(
-        failures.is_empty(),
-        "dev failed during the spray: {failures:?}"
-    );
-    assert!(
-        grown < RSS_GROWTH_LIMIT_KIB,
-        "server RSS grew by {grown} KiB"
-    );
+    check_dev_unaffected(&stop, probe, &server, baseline, "the spray").await;
     let metrics = world.client().get(&world.url("/metrics")).await.text();
     assert!(
         metrics.contains(&format!("auth_rate_limited_total {limited}")),

@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::procs::Proc;
+use support::procs::{Proc, agent_flags};
 use support::{Pki, cluster_json};
 use tether::fake_apiserver::FakeApiServer;
 use tether::pki::LeafRequest;
@@ -264,25 +264,21 @@ impl World {
         let mut command = self
             .net
             .command(&self.net.customer, env!("CARGO_BIN_EXE_tether-agent"));
-        command
-            .args(["--server", &format!("wss://{SERVER_IP}:{PUBLIC_PORT}")])
-            .arg("--token-file")
-            .arg(self.pki.path("agent-token"))
-            .args(["--target", &self.backend.addr.to_string()])
-            .arg("--sa-token-path")
-            .arg(self.pki.path("sa-token"))
-            .arg("--ca-cert")
-            .arg(self.pki.path("ca.crt"))
-            .arg("--server-ca-cert")
-            .arg(self.pki.path("ca.crt"))
-            // As in a pod: the health port on every address of the namespace.
-            .args(["--health-addr", &format!("0.0.0.0:{HEALTH_PORT}")])
-            .args(["--keepalive-interval", KEEPALIVE])
-            .args([
-                "--keepalive-timeout",
-                &format!("{}s", KEEPALIVE_TIMEOUT.as_secs()),
-            ])
-            .args(["--max-retry", "1s", "--log-level", "debug"]);
+        agent_flags(
+            &mut command,
+            &self.pki,
+            &format!("wss://{SERVER_IP}:{PUBLIC_PORT}"),
+            &self.pki.path("agent-token"),
+            &self.backend.addr.to_string(),
+        )
+        // As in a pod: the health port on every address of the namespace.
+        .args(["--health-addr", &format!("0.0.0.0:{HEALTH_PORT}")])
+        .args(["--keepalive-interval", KEEPALIVE])
+        .args([
+            "--keepalive-timeout",
+            &format!("{}s", KEEPALIVE_TIMEOUT.as_secs()),
+        ])
+        .args(["--max-retry", "1s", "--log-level", "debug"]);
         self.spawn(command, "agent")
     }
 

@@ -138,27 +138,19 @@ impl World {
             .expect("log");
         let token_file = self.pki.path(&format!("token-{token}"));
         std::fs::write(&token_file, token).expect("token");
+        let mut command = Command::new(env!("CARGO_BIN_EXE_tether-agent"));
+        agent_flags(
+            &mut command,
+            &self.pki,
+            &format!("wss://localhost:{}", self.public),
+            &token_file,
+            &self.backend.addr.to_string(),
+        )
+        .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--log-level", "trace", "--max-retry", "30s"])
+        .args(["--keepalive-interval", "1s"]);
         Proc(
-            Command::new(env!("CARGO_BIN_EXE_tether-agent"))
-                .args(["--server", &format!("wss://localhost:{}", self.public)])
-                .arg("--token-file")
-                .arg(&token_file)
-                .args(["--target", &self.backend.addr.to_string()])
-                .arg("--sa-token-path")
-                .arg(self.pki.path("sa-token"))
-                .arg("--ca-cert")
-                .arg(self.pki.path("ca.crt"))
-                .arg("--server-ca-cert")
-                .arg(self.pki.path("ca.crt"))
-                .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
-                .args([
-                    "--log-level",
-                    "trace",
-                    "--max-retry",
-                    "30s",
-                    "--keepalive-interval",
-                    "1s",
-                ])
+            command
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(log)
@@ -196,4 +188,26 @@ impl World {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
     }
+}
+
+/// tether-agent's flags for a test: its server, token file and target, and
+/// the test CA (which signed both the server and the API server double).
+pub fn agent_flags<'a>(
+    command: &'a mut Command,
+    pki: &Pki,
+    server: &str,
+    token_file: &std::path::Path,
+    target: &str,
+) -> &'a mut Command {
+    command
+        .args(["--server", server])
+        .arg("--token-file")
+        .arg(token_file)
+        .args(["--target", target])
+        .arg("--sa-token-path")
+        .arg(pki.path("sa-token"))
+        .arg("--ca-cert")
+        .arg(pki.path("ca.crt"))
+        .arg("--server-ca-cert")
+        .arg(pki.path("ca.crt"))
 }
