@@ -103,7 +103,8 @@ pub fn is_dns_label(id: &str) -> bool {
         && !id.ends_with('-')
 }
 
-fn is_host_port(addr: &str) -> bool {
+/// `host:port` with a non-zero port.
+pub fn is_host_port(addr: &str) -> bool {
     match addr.rsplit_once(':') {
         Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0),
         None => false,

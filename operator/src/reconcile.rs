@@ -24,7 +24,9 @@ use tracing::{info, warn};
 
 use crate::argocd;
 use crate::bundle::{self, BundleInput};
-use crate::crd::{BundleRef, CertificatesStatus, ProxiedCluster, ProxiedClusterStatus};
+use crate::crd::{
+    BundleRef, CertificatesStatus, ProxiedCluster, ProxiedClusterSpec, ProxiedClusterStatus,
+};
 use crate::objects::{Applied, delete_secret, ensure_secret, secret_text};
 use crate::pki::{GlobalPki, GlobalPkiError, LeafSecret, ensure_leaf, issued_from};
 use crate::settings::{Settings, url_host};
@@ -202,6 +204,22 @@ pub fn validate_spec(
             "cluster id {id:?} is not a DNS label; set spec.clusterId"
         ));
     }
+    // The schema says as much, but `kubectl tether bundle render` reads
+    // files no API server has validated, and a control character would make
+    // the rendered bundle unparseable YAML (found by fuzzing).
+    if let Some(field) = field_with_control_character(&pc.spec) {
+        return Err(format!("{field} contains a control character"));
+    }
+    let namespace = &pc.spec.agent.namespace;
+    if !tether::clusters::is_dns_label(namespace) {
+        return Err(format!(
+            "spec.agent.namespace {namespace:?} is not a DNS label"
+        ));
+    }
+    let target = &pc.spec.target_address;
+    if !tether::clusters::is_host_port(target) {
+        return Err(format!("spec.targetAddress {target:?} is not host:port"));
+    }
     let lifetime = humantime::parse_duration(&pc.spec.certificates.agent_duration)
         .map_err(|err| format!("spec.certificates.agentDuration: {err}"))?;
     if lifetime < Duration::from_secs(3600) {
@@ -221,6 +239,31 @@ pub fn validate_spec(
         agent_cert_lifetime: lifetime,
         public_url: url.to_owned(),
     })
+}
+
+/// The path of the first string in `spec` (keys included) that holds a
+/// control character, as `spec.agent.image`.
+fn field_with_control_character(spec: &ProxiedClusterSpec) -> Option<String> {
+    fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
+        let bad = |s: &str| s.chars().any(char::is_control);
+        match value {
+            serde_json::Value::String(s) if bad(s) => Some(path.to_owned()),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .enumerate()
+                .find_map(|(i, item)| walk(item, &format!("{path}[{i}]"))),
+            serde_json::Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+                let path = format!("{path}.{key}");
+                if bad(key) {
+                    Some(path)
+                } else {
+                    walk(item, &path)
+                }
+            }),
+            _ => None,
+        }
+    }
+    walk(&serde_json::to_value(spec).ok()?, "spec")
 }
 
 /// [`validate_spec`], and the cluster id is not already taken by an older
@@ -789,5 +832,50 @@ mod tests {
     fn retries_back_off_exponentially_up_to_five_minutes() {
         let delays: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
         assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
+
+    /// What the API server's schema would refuse, refused again here for
+    /// files that never passed through it.
+    #[test]
+    fn spec_validation_catches_what_would_break_the_bundle() {
+        let pc = |spec: serde_json::Value| -> ProxiedCluster {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "tether.dev/v1alpha1", "kind": "ProxiedCluster",
+                "metadata": {"name": "a", "namespace": "t"}, "spec": spec,
+            }))
+            .expect("a ProxiedCluster")
+        };
+        let url = Some("wss://tether.example.com");
+        let valid = validate_spec(&pc(serde_json::json!({})), url).expect("defaults are valid");
+        assert_eq!(valid.cluster_id, "a");
+        assert_eq!(valid.public_url, "wss://tether.example.com");
+        for (spec, problem) in [
+            (
+                serde_json::json!({"agent": {"image": "x\u{1b}r"}}),
+                "spec.agent.image contains a control character",
+            ),
+            (
+                serde_json::json!({"argocd": {"labels": {"a\nb": "c"}}}),
+                "spec.argocd.labels.a\nb contains a control character",
+            ),
+            (
+                serde_json::json!({"agent": {"namespace": "Agent NS"}}),
+                "spec.agent.namespace \"Agent NS\" is not a DNS label",
+            ),
+            (
+                serde_json::json!({"targetAddress": "kubernetes"}),
+                "spec.targetAddress \"kubernetes\" is not host:port",
+            ),
+            (
+                serde_json::json!({"publicUrl": "https://x"}),
+                "public URL \"https://x\" is not ws(s)://host[:port]",
+            ),
+            (
+                serde_json::json!({"certificates": {"agentDuration": "10m"}}),
+                "spec.certificates.agentDuration must be at least 1h",
+            ),
+        ] {
+            assert_eq!(validate_spec(&pc(spec), url), Err(problem.to_owned()));
+        }
     }
 }
