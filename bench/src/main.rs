@@ -26,11 +26,25 @@ struct Args {
     /// Where to write the report (default: BENCHMARKS.md; `-` for none).
     #[arg(long, default_value = "BENCHMARKS.md")]
     output: String,
+    /// Run only these groups of figures (default: all).
+    #[arg(long, value_delimiter = ',', value_parser = GROUPS)]
+    only: Vec<String>,
     /// Internal: run only the API server double, on the certificates in
     /// this directory (the concurrency benchmark's backend process).
     #[arg(long, hide = true)]
     serve_backend: Option<std::path::PathBuf>,
 }
+
+/// The groups of figures, in the order they run.
+const GROUPS: [&str; 7] = [
+    "throughput",
+    "latency",
+    "head-of-line",
+    "concurrency",
+    "idle-agents",
+    "reconnect",
+    "operator",
+];
 
 /// One measured figure: the direct path, the tunnel, and what they mean.
 struct Row {
@@ -446,13 +460,28 @@ async fn main() -> Result<()> {
     }
     let started = Instant::now();
     let mut rows = Vec::new();
-    throughput_rows(&mut rows, args.quick).await?;
-    latency_rows(&mut rows, args.quick).await?;
-    head_of_line_row(&mut rows, args.quick).await?;
-    concurrency_rows(&mut rows, args.quick).await?;
-    idle_agents_rows(&mut rows, args.quick).await?;
-    reconnect_row(&mut rows, args.quick).await?;
-    operator_row(&mut rows, args.quick).await?;
+    let run = |group: &str| args.only.is_empty() || args.only.iter().any(|g| g == group);
+    if run("throughput") {
+        throughput_rows(&mut rows, args.quick).await?;
+    }
+    if run("latency") {
+        latency_rows(&mut rows, args.quick).await?;
+    }
+    if run("head-of-line") {
+        head_of_line_row(&mut rows, args.quick).await?;
+    }
+    if run("concurrency") {
+        concurrency_rows(&mut rows, args.quick).await?;
+    }
+    if run("idle-agents") {
+        idle_agents_rows(&mut rows, args.quick).await?;
+    }
+    if run("reconnect") {
+        reconnect_row(&mut rows, args.quick).await?;
+    }
+    if run("operator") {
+        operator_row(&mut rows, args.quick).await?;
+    }
     let table = table(&rows);
     println!("{table}");
     println!(

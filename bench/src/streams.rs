@@ -16,8 +16,9 @@ use tether::fake_apiserver::FakeApiServer;
 
 use crate::rig::{Client, Process, Setup, free_port};
 
-/// Events each watch delivers, one a second: every stream stays open for
-/// about this many seconds, long enough for all N to be open together.
+/// Events each watch delivers. They are spaced 1 ms per stream (at least a
+/// second) apart, so every watch outlasts the time it takes to open all N
+/// (each a TLS connection to the server, and one from agent to backend).
 const EVENTS: usize = 3;
 
 /// `tether-bench --serve-backend DIR`: the API server double on its own,
@@ -82,8 +83,9 @@ pub async fn open_at_once(count: usize) -> Result<Outcome> {
     let base = format!("https://localhost:{internal}");
     wait_ready(&client, &base).await?;
 
+    let interval_ms = count.max(1000);
     let url = format!(
-        "{base}/tunnel/dev/api/v1/namespaces/default/pods?watch=1&events={EVENTS}&intervalMs=1000"
+        "{base}/tunnel/dev/api/v1/namespaces/default/pods?watch=1&events={EVENTS}&intervalMs={interval_ms}"
     );
     let started = Instant::now();
     let watches: Vec<_> = (0..count)
