@@ -863,3 +863,75 @@ async fn failed_authentications_are_rate_limited_per_source() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let _agent = env.connected_agent().await;
 }
+
+/// Two clusters on one server: cluster "a" has a caller that stopped
+/// reading a huge download (its tunnel's flow control stalls that stream),
+/// a flood of failing requests, and then loses its agent. Cluster "b"
+/// meanwhile downloads 32 MiB intact at full speed and every request of it
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_failing_cluster_never_shows_on_another() {
+    let env = Env::start(Security::Plain).await;
+    let target = env.target();
+    std::fs::write(
+        &env.clusters_file,
+        cluster_json(&[("a", "a-token", &target), ("b", "b-token", &target)]),
+    )
+    .expect("clusters");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let agent_a = env.agent("a", "a-token", &[]).await;
+    let _agent_b = env.agent("b", "b-token", &[]).await;
+    env.wait_connected("a").await;
+    env.wait_connected("b").await;
+    let client = env.argocd();
+    let base = env.internal_url();
+
+    // b's speed on an idle server, for comparison.
+    let size = 32usize << 20;
+    let download_b = || async {
+        let started = std::time::Instant::now();
+        let answer = client.get(&format!("{base}/tunnel/b/bytes?n={size}")).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        assert_eq!(answer.body.len(), size, "b's body arrived whole");
+        started.elapsed()
+    };
+    let alone = download_b().await;
+
+    // a: a caller that asks for 1 GiB and never reads it.
+    let mut stalled = tokio::net::TcpStream::connect(env.internal_addr)
+        .await
+        .expect("connect");
+    stalled
+        .write_all(b"GET /tunnel/a/bytes?n=1073741824 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    eventually(
+        || {
+            env.server()
+                .metrics_text()
+                .contains("tunnel_active_connections{cluster=\"a\"} 1")
+        },
+        "a's stalled stream is open",
+    )
+    .await;
+    // a: requests that fail.
+    let nope = format!("{base}/tunnel/a/nope");
+    let failing = (0..200).map(|_| client.get(&nope));
+    let failures = futures_util::future::join_all(failing).await;
+    assert!(failures.iter().all(|a| a.status == StatusCode::NOT_FOUND));
+
+    let beside = download_b().await;
+    // a loses its agent; b is untouched.
+    agent_a.shutdown().await;
+    let answer = client.get(&format!("{base}/tunnel/a/version")).await;
+    assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
+    let after = download_b().await;
+    eprintln!("b's 32 MiB: alone {alone:?}, beside stalled a {beside:?}, after a left {after:?}");
+    for elapsed in [beside, after] {
+        assert!(
+            elapsed < alone * 4 + Duration::from_millis(500),
+            "b slowed from {alone:?} to {elapsed:?}"
+        );
+    }
+    drop(stalled);
+}
