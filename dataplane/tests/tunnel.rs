@@ -372,15 +372,7 @@ async fn cluster_file_changes_apply_live() {
         "unknown cluster refused"
     );
 
-    let target = env.target();
-    std::fs::write(
-        &env.clusters_file,
-        cluster_json(&[
-            ("dev", "dev-token", &target),
-            ("prod", "prod-token", &target),
-        ]),
-    )
-    .expect("add prod");
+    env.set_clusters(&[("dev", "dev-token"), ("prod", "prod-token")]);
     env.wait_connected("prod").await;
     let answer = env
         .argocd()
@@ -393,11 +385,7 @@ async fn cluster_file_changes_apply_live() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert!(env.server().is_connected("dev") && env.server().is_connected("prod"));
 
-    std::fs::write(
-        &env.clusters_file,
-        cluster_json(&[("prod", "prod-token", &target)]),
-    )
-    .expect("remove dev");
+    env.set_clusters(&[("prod", "prod-token")]);
     eventually(|| !env.server().is_connected("dev"), "dev's session closed").await;
     eventually(|| !dev.is_connected(), "dev agent sees the close").await;
     let answer = env
@@ -795,15 +783,7 @@ async fn kubectl_exec_and_follow_logs_through_the_tunnel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificate_identity_must_match_the_token() {
     let env = Env::start(Security::Mtls).await;
-    let target = env.target();
-    std::fs::write(
-        &env.clusters_file,
-        cluster_json(&[
-            ("dev", "dev-token", &target),
-            ("prod", "prod-token", &target),
-        ]),
-    )
-    .expect("clusters");
+    env.set_clusters(&[("dev", "dev-token"), ("prod", "prod-token")]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     // prod's token with dev's certificate.
     let mut args = env.agent_args("dev", "prod-token", &[]);
@@ -872,12 +852,7 @@ async fn failed_authentications_are_rate_limited_per_source() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_failing_cluster_never_shows_on_another() {
     let env = Env::start(Security::Plain).await;
-    let target = env.target();
-    std::fs::write(
-        &env.clusters_file,
-        cluster_json(&[("a", "a-token", &target), ("b", "b-token", &target)]),
-    )
-    .expect("clusters");
+    env.set_clusters(&[("a", "a-token"), ("b", "b-token")]);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let agent_a = env.agent("a", "a-token", &[]).await;
     let _agent_b = env.agent("b", "b-token", &[]).await;

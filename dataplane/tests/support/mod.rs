@@ -159,6 +159,16 @@ impl Env {
         self.backend.addr.to_string()
     }
 
+    /// Rewrites the clusters file: each (id, token), targeting the backend.
+    pub fn set_clusters(&self, clusters: &[(&str, &str)]) {
+        let target = self.target();
+        let entries: Vec<_> = clusters
+            .iter()
+            .map(|(id, token)| (*id, *token, target.as_str()))
+            .collect();
+        std::fs::write(&self.clusters_file, cluster_json(&entries)).expect("clusters file");
+    }
+
     pub fn server_args(&self) -> ServerArgs {
         let mut args: Vec<String> = vec![
             "tether-server".into(),
