@@ -22,6 +22,10 @@ use tether_operator::settings::Settings;
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
 const PC_PATH: &str = "/apis/tether.dev/v1alpha1/namespaces/tenants/proxiedclusters/acme";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/tenants/events";
+const TENANT_SECRETS: &str = "/api/v1/namespaces/tenants/secrets";
+const SERVER_SECRETS: &str = "/api/v1/namespaces/tether-system/secrets";
+const ARGOCD_SECRETS: &str = "/api/v1/namespaces/argocd/secrets";
 
 fn context() -> (Arc<Context>, Handle) {
     tether::install_crypto_provider();
@@ -101,6 +105,39 @@ async fn expect(
     sent
 }
 
+/// The reconciler records a Kubernetes event; returns it.
+async fn expect_event(handle: &mut Handle) -> Value {
+    expect(
+        handle,
+        Method::POST,
+        EVENTS,
+        StatusCode::CREATED,
+        json!({"metadata": {"name": "e"}}),
+    )
+    .await
+}
+
+/// The reconciler looks `name` up in `collection`, finds nothing and
+/// creates it; returns what it created.
+async fn expect_creation(handle: &mut Handle, collection: &str, name: &str) -> Value {
+    expect(
+        handle,
+        Method::GET,
+        &format!("{collection}/{name}"),
+        StatusCode::NOT_FOUND,
+        not_found(),
+    )
+    .await;
+    expect(
+        handle,
+        Method::POST,
+        collection,
+        StatusCode::CREATED,
+        json!({"metadata": {"name": name}}),
+    )
+    .await
+}
+
 fn not_found() -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
 }
@@ -151,14 +188,7 @@ async fn an_invalid_spec_writes_only_a_false_condition_and_an_event() {
             answer,
         )
         .await;
-        let event = expect(
-            &mut handle,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/tenants/events",
-            StatusCode::CREATED,
-            json!({"metadata": {"name": "e"}}),
-        )
-        .await;
+        let event = expect_event(&mut handle).await;
         (status, event)
     };
     let (result, (status, event)) = tokio::join!(reconcile(pc, ctx), calls);
@@ -208,7 +238,7 @@ async fn deletion_removes_the_argocd_secret_and_the_server_entry_then_the_finali
         expect(
             &mut handle,
             Method::GET,
-            "/api/v1/namespaces/argocd/secrets/tether-acme",
+            &format!("{ARGOCD_SECRETS}/tether-acme"),
             StatusCode::OK,
             argocd_secret.clone(),
         )
@@ -216,7 +246,7 @@ async fn deletion_removes_the_argocd_secret_and_the_server_entry_then_the_finali
         expect(
             &mut handle,
             Method::DELETE,
-            "/api/v1/namespaces/argocd/secrets/tether-acme",
+            &format!("{ARGOCD_SECRETS}/tether-acme"),
             StatusCode::OK,
             argocd_secret,
         )
@@ -224,7 +254,7 @@ async fn deletion_removes_the_argocd_secret_and_the_server_entry_then_the_finali
         expect(
             &mut handle,
             Method::GET,
-            "/api/v1/namespaces/tether-system/secrets/tether-clusters",
+            &format!("{SERVER_SECRETS}/tether-clusters"),
             StatusCode::OK,
             clusters.clone(),
         )
@@ -232,19 +262,12 @@ async fn deletion_removes_the_argocd_secret_and_the_server_entry_then_the_finali
         let replaced = expect(
             &mut handle,
             Method::PUT,
-            "/api/v1/namespaces/tether-system/secrets/tether-clusters",
+            &format!("{SERVER_SECRETS}/tether-clusters"),
             StatusCode::OK,
             clusters,
         )
         .await;
-        expect(
-            &mut handle,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/tenants/events",
-            StatusCode::CREATED,
-            json!({"metadata": {"name": "e"}}),
-        )
-        .await;
+        expect_event(&mut handle).await;
         let unfinalized = expect(&mut handle, Method::PATCH, PC_PATH, StatusCode::OK, answer).await;
         (replaced, unfinalized)
     };
@@ -280,35 +303,13 @@ async fn deletion_leaves_an_argocd_secret_it_does_not_own() {
         expect(
             &mut handle,
             Method::GET,
-            "/api/v1/namespaces/argocd/secrets/tether-acme",
+            &format!("{ARGOCD_SECRETS}/tether-acme"),
             StatusCode::OK,
             foreign,
         )
         .await;
-        expect(
-            &mut handle,
-            Method::GET,
-            "/api/v1/namespaces/tether-system/secrets/tether-clusters",
-            StatusCode::NOT_FOUND,
-            not_found(),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::POST,
-            "/api/v1/namespaces/tether-system/secrets",
-            StatusCode::CREATED,
-            json!({"metadata": {"name": "tether-clusters"}}),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::POST,
-            "/apis/events.k8s.io/v1/namespaces/tenants/events",
-            StatusCode::CREATED,
-            json!({"metadata": {"name": "e"}}),
-        )
-        .await;
+        expect_creation(&mut handle, SERVER_SECRETS, "tether-clusters").await;
+        expect_event(&mut handle).await;
         expect(&mut handle, Method::PATCH, PC_PATH, StatusCode::OK, answer).await;
     };
     let (result, ()) = tokio::join!(reconcile(pc, ctx), calls);
@@ -321,122 +322,16 @@ async fn first_apply_issues_token_certificate_config_registration_and_bundle() {
     let (ctx, mut handle) = context();
     let pc = proxied(json!({}), json!({"finalizers": ["tether.dev/cleanup"]}));
     let as_stored = serde_json::to_value(&*pc).expect("json");
-    let ok = json!({"metadata": {"name": "x"}});
-    let event = "/apis/events.k8s.io/v1/namespaces/tenants/events";
-    let secrets = "/api/v1/namespaces/tenants/secrets";
     let calls = async {
-        expect(
-            &mut handle,
-            Method::GET,
-            &format!("{secrets}/acme-tether-token"),
-            StatusCode::NOT_FOUND,
-            not_found(),
-        )
-        .await;
-        let token = expect(
-            &mut handle,
-            Method::POST,
-            secrets,
-            StatusCode::CREATED,
-            ok.clone(),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::POST,
-            event,
-            StatusCode::CREATED,
-            ok.clone(),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::GET,
-            &format!("{secrets}/acme-tether-agent-tls"),
-            StatusCode::NOT_FOUND,
-            not_found(),
-        )
-        .await;
-        let cert = expect(
-            &mut handle,
-            Method::POST,
-            secrets,
-            StatusCode::CREATED,
-            ok.clone(),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::POST,
-            event,
-            StatusCode::CREATED,
-            ok.clone(),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::GET,
-            "/api/v1/namespaces/tether-system/secrets/tether-clusters",
-            StatusCode::NOT_FOUND,
-            not_found(),
-        )
-        .await;
-        let config = expect(
-            &mut handle,
-            Method::POST,
-            "/api/v1/namespaces/tether-system/secrets",
-            StatusCode::CREATED,
-            ok.clone(),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::GET,
-            "/api/v1/namespaces/argocd/secrets/tether-acme",
-            StatusCode::NOT_FOUND,
-            not_found(),
-        )
-        .await;
-        let argocd = expect(
-            &mut handle,
-            Method::POST,
-            "/api/v1/namespaces/argocd/secrets",
-            StatusCode::CREATED,
-            ok.clone(),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::POST,
-            event,
-            StatusCode::CREATED,
-            ok.clone(),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::GET,
-            &format!("{secrets}/acme-tether-bundle"),
-            StatusCode::NOT_FOUND,
-            not_found(),
-        )
-        .await;
-        let bundle = expect(
-            &mut handle,
-            Method::POST,
-            secrets,
-            StatusCode::CREATED,
-            ok.clone(),
-        )
-        .await;
-        expect(
-            &mut handle,
-            Method::POST,
-            event,
-            StatusCode::CREATED,
-            ok.clone(),
-        )
-        .await;
+        let token = expect_creation(&mut handle, TENANT_SECRETS, "acme-tether-token").await;
+        expect_event(&mut handle).await;
+        let cert = expect_creation(&mut handle, TENANT_SECRETS, "acme-tether-agent-tls").await;
+        expect_event(&mut handle).await;
+        let config = expect_creation(&mut handle, SERVER_SECRETS, "tether-clusters").await;
+        let argocd = expect_creation(&mut handle, ARGOCD_SECRETS, "tether-acme").await;
+        expect_event(&mut handle).await;
+        let bundle = expect_creation(&mut handle, TENANT_SECRETS, "acme-tether-bundle").await;
+        expect_event(&mut handle).await;
         let status = expect(
             &mut handle,
             Method::PATCH,
