@@ -1,23 +1,19 @@
+# syntax=docker/dockerfile:1.7
 # One image holds every tether binary (server, operator, agent, kubectl
 # plugin): a customer mirrors a single image into an air-gapped registry, and
 # the operator's bundles reference the same digest the management side runs.
-# syntax=docker/dockerfile:1.7
+# `make image` builds the same final stage without a Docker engine
+# (image/build.sh derives its Containerfile from the stage below).
 FROM rust:1.95-bookworm AS build
-RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/*
-RUN rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 COPY . .
-# Static binaries (musl): no libc in the runtime image.
-RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
-      --bin tether-server --bin tether-agent --bin tether-operator --bin kubectl-tether \
- && mkdir /out \
- && cp target/x86_64-unknown-linux-musl/release/tether-server \
-       target/x86_64-unknown-linux-musl/release/tether-agent \
-       target/x86_64-unknown-linux-musl/release/tether-operator \
-       target/x86_64-unknown-linux-musl/release/kubectl-tether /out/
+# Static binaries (glibc with crt-static; rustls on ring, no OpenSSL): the
+# runtime image holds nothing else. The same make target as `make image`.
+RUN make static-rootfs ROOTFS=/rootfs
 
-# Distroless static: no shell, no package manager, non-root (65532).
-FROM gcr.io/distroless/static-debian12:nonroot
-COPY --from=build /out/ /usr/local/bin/
+# --- runtime: no shell, no package manager, numeric non-root user (so
+# runAsNonRoot can verify it).
+FROM scratch
+COPY --from=build /rootfs/ /
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/tether-server"]

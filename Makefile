@@ -4,7 +4,7 @@ VENV ?= .venv
 VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 IMAGE ?= ghcr.io/tether-dev/tether
 
-.PHONY: build release test cargo-test chart-test chart-lint lint fmt demo bench bench-quick crds run-operator e2e docker clean
+.PHONY: build release test cargo-test chart-test chart-lint lint fmt demo bench bench-quick crds run-operator e2e e2e-pods docker static-rootfs image image-import clean
 
 build:
 	$(CARGO) build --workspace --bins
@@ -28,7 +28,7 @@ $(VENV)/.installed: charts/tests/requirements.txt
 ## and non-default values, kubernetes-validate --strict, security checks.
 chart-test: $(VENV)/.installed
 	$(CARGO) build -q -p tether-operator --bin kubectl-tether
-	$(VENV)/bin/python -m pytest -q charts/tests
+	$(VENV)/bin/python -m pytest -q charts/tests image
 
 ## With a real helm binary when there is one; otherwise Helm's SDK.
 chart-lint:
@@ -62,9 +62,39 @@ e2e: $(VENV)/.installed
 	$(CARGO) build --workspace --bins
 	$(CARGO) test -p tether-e2e -- --nocapture --test-threads=1
 
-## One image with all binaries (needs a Docker engine).
+## One image with all binaries, with a Docker engine.
 docker:
 	docker build -t $(IMAGE):$(VERSION) .
+
+TARGET_DIR ?= $(or $(CARGO_TARGET_DIR),target)
+STATIC_TARGET ?= x86_64-unknown-linux-gnu
+PROGRAMS = tether-server tether-agent tether-operator kubectl-tether
+ROOTFS ?= $(TARGET_DIR)/image/rootfs
+IMAGE_ARCHIVE ?= $(TARGET_DIR)/image/tether.tar
+
+## The image's whole filesystem: the four programs, statically linked
+## (glibc's crt-static; rustls on ring, no OpenSSL), in $(ROOTFS)/usr/local/bin.
+static-rootfs:
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release --locked \
+		--target $(STATIC_TARGET) $(PROGRAMS:%=--bin %)
+	rm -rf $(ROOTFS) && mkdir -p $(ROOTFS)/usr/local/bin
+	install -m 0755 $(PROGRAMS:%=$(TARGET_DIR)/$(STATIC_TARGET)/release/%) $(ROOTFS)/usr/local/bin/
+
+## An OCI image archive named as the chart's default image, without a Docker
+## engine (buildah); the same source gives a byte-identical archive.
+image: static-rootfs
+	image/build.sh $(ROOTFS) $(IMAGE):$(VERSION) $(IMAGE_ARCHIVE)
+
+## Loads the archive into the containerd of ../shared/tools/realk8s-node-up.
+image-import:
+	image/import.sh $(IMAGE_ARCHIVE) $(IMAGE):$(VERSION)
+
+## The chart and the agent bundle as real pods: a cluster whose node runs
+## pods, with the image imported (README, "On a real cluster").
+## TETHER_E2E_POD_KUBECONFIG=path make e2e-pods (skips without it).
+e2e-pods: $(VENV)/.installed
+	$(CARGO) build -p tether-operator --bin kubectl-tether
+	$(CARGO) test -p tether-e2e --test pods -- --nocapture --test-threads=1
 
 ## Tunnel vs direct, side by side; prints a table and writes BENCHMARKS.md.
 bench:

@@ -105,8 +105,8 @@ impl Fleet {
             .connect(ServerName::try_from("localhost")?, tcp)
             .await?;
         let authority = format!("localhost:{}", self.port);
-        let (socket, version) =
-            tether::websocket::connect(tls, &authority, "/connect", &token(i), true).await?;
+        let (socket, version, _) =
+            tether::websocket::connect(tls, &authority, "/connect", &token(i), true, None).await?;
         let (session, incoming) = Session::start(
             socket,
             SessionConfig::new(version, Role::Acceptor, format!("c{i}")),

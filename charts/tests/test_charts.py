@@ -30,7 +30,7 @@ NON_DEFAULT = {
     "image": {"digest": "sha256:" + "a" * 64},
     "publicUrl": "wss://tunnels.example.org",
     "operator": {"replicas": 3, "serverHostnames": ["tether.internal"], "byoServerCertificate": True},
-    "server": {"replicas": 3, "rateLimit": 50, "allowImpersonation": True, "public": {"type": "LoadBalancer"}},
+    "server": {"replicas": 5, "rateLimit": 50, "allowImpersonation": True, "public": {"type": "LoadBalancer"}},
     "ingress": {"enabled": True, "className": "nginx"},
     "serviceMonitor": {"enabled": True},
     "podDisruptionBudget": {"enabled": False},
@@ -118,17 +118,135 @@ def test_every_pod_has_security_defaults(chart, values):
     assert found > 0
 
 
-def test_internal_port_admits_only_argocd():
-    policies = [doc for _, doc in render(TETHER, None) if doc["kind"] == "NetworkPolicy"]
-    rules = policies[0]["spec"]["ingress"]
-    internal = [r for r in rules if r["ports"][0]["port"] == 8080]
-    assert internal and internal[0]["from"][0]["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "argocd"}
+# What the all-in-one image holds (image/Containerfile); its ENTRYPOINT is
+# tether-server, so every other container must name its program.
+IMAGE_PROGRAMS = {f"/usr/local/bin/{name}" for name in ["tether-server", "tether-agent", "tether-operator", "kubectl-tether"]}
+# Kubernetes' default mode for Secret volumes.
+DEFAULT_SECRET_MODE = 0o644
+
+
+def secret_readable_by_pod(pod, volume):
+    """Whether the pod's user can read the files of a Secret volume: they
+    are owned by root, and by the pod's fsGroup when it has one."""
+    mode = volume["secret"].get("defaultMode", DEFAULT_SECRET_MODE)
+    for item in volume["secret"].get("items", []):
+        mode &= item.get("mode", mode)
+    ctx = pod.get("securityContext", {})
+    if ctx.get("runAsUser") == 0:
+        return True
+    if "fsGroup" in ctx and mode & 0o040:
+        return True
+    return bool(mode & 0o004)
+
+
+def bundle_pods(bundle):
+    return pods([("bundle", d) for d in bundle["agent"]])
+
+
+def test_every_pod_can_start(bundle):
+    """The two faults that crash-looped every pod of the first real install:
+    a non-root pod that cannot read its own Secret volume, and a container
+    of the all-in-one image that runs its entrypoint instead of its own
+    program."""
+    checked = 0
+    sources = [render(TETHER, None), render(TETHER, NON_DEFAULT), render(AGENT, AGENT_VALUES)]
+    all_pods = [p for docs in sources for p in pods(docs)] + list(bundle_pods(bundle))
+    for name, pod in all_pods:
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
+        for container in pod["containers"]:
+            checked += 1
+            command = container.get("command", [])
+            assert command and command[0] in IMAGE_PROGRAMS, f"{name}/{container['name']} does not name its program: {command}"
+            for mount in container.get("volumeMounts", []):
+                volume = volumes[mount["name"]]
+                if "secret" in volume:
+                    assert secret_readable_by_pod(pod, volume), f"{name}: user {pod['securityContext'].get('runAsUser')} cannot read Secret volume {mount['name']}"
+    assert checked >= 5
+
+
+def test_the_readability_check_knows_the_failing_case():
+    failing = {"securityContext": {"runAsUser": 65532, "runAsGroup": 65532}}
+    volume = {"secret": {"secretName": "x", "defaultMode": 0o440}}
+    assert not secret_readable_by_pod(failing, volume)
+    assert secret_readable_by_pod({"securityContext": {**failing["securityContext"], "fsGroup": 65532}}, volume)
+    assert secret_readable_by_pod(failing, {"secret": {"secretName": "x"}})
+
+
+def server_pod_labels(docs):
+    server = next(d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "tether-server")
+    return server["spec"]["template"]["metadata"]["labels"]
+
+
+def admitted(policy, port, source_namespace, source_labels, policy_namespace="tether-system"):
+    """Whether a NetworkPolicy's ingress rules admit a connection to `port`
+    from a pod with `source_labels` in `source_namespace`, as a CNI that
+    enforces them would decide (the subset of the API the charts use)."""
+    def selects(selector, labels):
+        return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+    for rule in policy["spec"].get("ingress", []):
+        if rule.get("ports") and not any(p["port"] == port for p in rule["ports"]):
+            continue
+        peers = rule.get("from")
+        if not peers:
+            return True
+        for peer in peers:
+            ns_ok = selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": source_namespace}) if "namespaceSelector" in peer else source_namespace == policy_namespace
+            pod_ok = selects(peer["podSelector"], source_labels) if "podSelector" in peer else True
+            if ns_ok and pod_ok:
+                return True
+    return False
+
+
+def test_network_policy_admits_every_path_of_the_topology_and_nothing_more():
+    docs = render(TETHER, None)
+    policy = next(d for _, d in docs if d["kind"] == "NetworkPolicy")
+    servers = server_pod_labels(docs)
+    assert selects_server(policy, servers)
+    # ArgoCD reaches the internal port; other namespaces do not.
+    assert admitted(policy, 8080, "argocd", {"app.kubernetes.io/name": "argocd-server"})
+    assert not admitted(policy, 8080, "default", {})
+    assert not admitted(policy, 8080, "tether-system", {"app.kubernetes.io/name": "tether-operator"})
+    # Replicas reach each other's internal port (peer forwarding, replica state).
+    assert admitted(policy, 8080, "tether-system", servers)
+    assert not admitted(policy, 8080, "other", servers)
+    # Agents reach the public port from anywhere; probes reach the health port.
+    assert admitted(policy, 8443, "anywhere", {})
+    assert admitted(policy, 8081, "anywhere", {})
+    assert not admitted(policy, 9999, "argocd", {})
+
+
+def selects_server(policy, labels):
+    return all(labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+
+
+def test_servers_find_each_other_and_drain_within_their_grace_period():
+    docs = render(TETHER, None)
+    objects = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
+    server = objects[("Deployment", "tether-server")]
+    assert server["spec"]["replicas"] == 3
+    assert server["spec"]["strategy"]["rollingUpdate"] == {"maxUnavailable": 0, "maxSurge": 1}
+    pod = server["spec"]["template"]["spec"]
+    args = dict(a.split("=", 1) for a in pod["containers"][0]["args"])
+    peers = objects[("Service", args["--peer-service"])]
+    assert peers["spec"]["clusterIP"] == "None"
+    assert all(server_pod_labels(docs).get(k) == v for k, v in peers["spec"]["selector"].items())
+    seconds = lambda v: int(v.rstrip("s"))
+    assert pod["terminationGracePeriodSeconds"] > seconds(args["--shutdown-delay"]) + seconds(args["--shutdown-grace"])
+    container = pod["containers"][0]
+    health = next(p for p in container["ports"] if p["name"] == "health")
+    assert args["--health-addr"] == f":{health['containerPort']}"
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
 
 
 def test_server_rbac_is_least_privilege():
     docs = [doc for _, doc in render(TETHER, None)]
     role = next(d for d in docs if d["kind"] == "Role" and d["metadata"]["name"] == "tether-server")
-    assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tether-clusters"], "verbs": ["get", "list", "watch"]}]
+    assert role["rules"] == [
+        {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tether-clusters"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list", "watch"]},
+    ]
     cluster_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-server"))
     verbs = {(tuple(r["resources"]), tuple(r["verbs"])) for r in cluster_role["rules"]}
     assert verbs == {(("proxiedclusters",), ("get",)), (("proxiedclusters/status",), ("get", "patch"))}

@@ -220,3 +220,138 @@ mod tests {
         assert_eq!(bearer_token(&HeaderMap::new()), None);
     }
 }
+
+/// Whether a request is a long-running stream of lines: a watch
+/// (`?watch=true`/`1`, or the legacy `/watch/` paths) or a followed log.
+pub fn is_line_stream(uri: &http::Uri) -> bool {
+    let flag = |name: &str| {
+        uri.query().is_some_and(|q| {
+            q.split('&')
+                .any(|pair| pair == format!("{name}=true") || pair == format!("{name}=1"))
+        })
+    };
+    flag("watch") || flag("follow") || uri.path().contains("/watch/")
+}
+
+/// A body that, once `stop` fires, ends cleanly at the next line boundary:
+/// the client gets a complete response made of whole lines (whole watch
+/// events), which client-go takes as a watch ended by the server and
+/// re-establishes, instead of a connection cut mid-event.
+pub struct EndsAtLineAfter {
+    inner: Body,
+    stop: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    stopping: bool,
+    at_line_start: bool,
+    done: bool,
+}
+
+impl EndsAtLineAfter {
+    pub fn new(inner: Body, stop: tokio_util::sync::CancellationToken) -> Self {
+        Self {
+            inner,
+            stop: Box::pin(stop.cancelled_owned()),
+            stopping: false,
+            at_line_start: true,
+            done: false,
+        }
+    }
+}
+
+impl hyper::body::Body for EndsAtLineAfter {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if !this.stopping && this.stop.as_mut().poll(cx).is_ready() {
+            this.stopping = true;
+        }
+        if this.stopping && this.at_line_start {
+            this.done = true;
+            return Poll::Ready(None);
+        }
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(mut data) => {
+                    if this.stopping
+                        && let Some(end) = data.iter().position(|b| *b == b'\n')
+                    {
+                        this.done = true;
+                        data.truncate(end + 1);
+                    }
+                    this.at_line_start = data.last().is_none_or(|b| *b == b'\n');
+                    Poll::Ready(Some(Ok(hyper::body::Frame::data(data))))
+                }
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod line_stream_tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[test]
+    fn watches_and_followed_logs_are_line_streams() {
+        for uri in [
+            "/api/v1/pods?watch=true",
+            "/api/v1/pods?labelSelector=a&watch=1",
+            "/api/v1/watch/namespaces",
+            "/api/v1/namespaces/d/pods/p/log?follow=true",
+        ] {
+            assert!(is_line_stream(&uri.parse().expect("uri")), "{uri}");
+        }
+        for uri in [
+            "/api/v1/pods",
+            "/api/v1/pods?watch=false",
+            "/api/v1/pods?xwatch=1",
+        ] {
+            assert!(!is_line_stream(&uri.parse().expect("uri")), "{uri}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stopped_stream_ends_after_its_current_line() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, BoxError>>(8);
+        let inner = http_body_util::StreamBody::new(tokio_stream_like(rx)).boxed();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let mut body = EndsAtLineAfter::new(inner, stop.clone());
+        for chunk in ["{\"a\":1}\n{\"b\"", ":2}\n{\"c\":3}\n{\"d", "\":4}\n"] {
+            tx.send(Ok(hyper::body::Frame::data(Bytes::from(chunk))))
+                .await
+                .expect("send");
+        }
+        let first = body.frame().await.expect("frame").expect("data");
+        assert_eq!(first.into_data().expect("data"), "{\"a\":1}\n{\"b\"");
+        // Stopped in the middle of an event: it is completed, then the
+        // body ends cleanly; nothing after it is sent.
+        stop.cancel();
+        let rest = body.collect().await.expect("clean end").to_bytes();
+        assert_eq!(&rest[..], b":2}\n");
+        let stopped_at_a_boundary = EndsAtLineAfter::new(crate::http::full("x\n"), stop);
+        assert!(
+            stopped_at_a_boundary
+                .collect()
+                .await
+                .expect("end")
+                .to_bytes()
+                .is_empty()
+        );
+    }
+
+    fn tokio_stream_like<T: Send + 'static>(
+        mut rx: tokio::sync::mpsc::Receiver<T>,
+    ) -> impl futures_util::Stream<Item = T> {
+        futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+    }
+}

@@ -27,6 +27,11 @@ use crate::tls::ReloadingServerConfig;
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Request headers must arrive within this (slowloris).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// After shutdown, how long HTTP/1.1 keep-alive connections stay open with
+/// every response saying `Connection: close`, before idle ones are closed:
+/// a client learns from a response that it must reconnect, instead of
+/// racing a request against the close (the keep-alive race).
+const KEEP_ALIVE_LINGER: Duration = Duration::from_secs(2);
 
 /// What the listener knows about a connection; each request carries it.
 #[derive(Debug, Clone)]
@@ -37,7 +42,9 @@ pub struct ConnInfo {
 }
 
 /// Serves `listener` until `shutdown`, then lets open requests finish for
-/// at most `grace`. `make_service` builds the service for one connection.
+/// at most `grace`: HTTP/1.1 connections first linger (their responses
+/// carry `Connection: close`), then idle ones are closed and HTTP/2 ones get
+/// GOAWAY. `make_service` builds the service for one connection.
 pub async fn serve<F, S>(
     listener: TcpListener,
     tls: Option<ReloadingServerConfig>,
@@ -75,6 +82,7 @@ pub async fn serve<F, S>(
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let make_service = make_service.clone();
+        let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let (io, client_certificate) = match acceptor {
                 None => (Either::Right(tcp), None),
@@ -100,10 +108,13 @@ pub async fn serve<F, S>(
                     }
                 }
             };
-            let service = make_service(Arc::new(ConnInfo {
-                remote,
-                client_certificate,
-            }));
+            let service = close_after_shutdown(
+                make_service(Arc::new(ConnInfo {
+                    remote,
+                    client_certificate,
+                })),
+                shutdown.clone(),
+            );
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
             if let Err(err) = watcher.watch(conn.into_owned()).await {
                 debug!(%remote, error = %err, "connection ended with an error");
@@ -111,10 +122,51 @@ pub async fn serve<F, S>(
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown())
+    let deadline = tokio::time::Instant::now() + grace;
+    let linger_until = tokio::time::Instant::now() + grace.min(KEEP_ALIVE_LINGER);
+    while graceful.count() > 0 && tokio::time::Instant::now() < linger_until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
         .is_err()
     {
         debug!("grace period over; closing remaining connections");
     }
+}
+
+/// Once `shutdown` is signalled, HTTP/1 responses (but for upgrades) say
+/// `Connection: close`, so hyper closes each connection after its answer.
+fn close_after_shutdown<S>(
+    inner: S,
+    shutdown: CancellationToken,
+) -> impl Service<
+    Request<Incoming>,
+    Response = Response<Body>,
+    Error = Infallible,
+    Future = impl Future<Output = Result<Response<Body>, Infallible>> + Send,
+> + Send
++ 'static
+where
+    S: Service<Request<Incoming>, Response = Response<Body>, Error = Infallible> + Send + 'static,
+    S::Future: Send + 'static,
+{
+    hyper::service::service_fn(move |request: Request<Incoming>| {
+        let http1 = request.version() < http::Version::HTTP_2;
+        let answer = inner.call(request);
+        let shutdown = shutdown.clone();
+        async move {
+            let mut response = answer.await?;
+            if http1
+                && shutdown.is_cancelled()
+                && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            Ok(response)
+        }
+    })
 }

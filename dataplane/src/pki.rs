@@ -16,6 +16,10 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 /// (and as the common name), so tether-server can bind cert to token.
 pub const CLUSTER_URI_PREFIX: &str = "spiffe://tether/cluster/";
 
+/// tether-server's certificates carry this URI SAN: replicas present them
+/// to each other as client certificates too.
+pub const SERVER_URI: &str = "spiffe://tether/server";
+
 /// Issued certificates start a little in the past to tolerate clock skew.
 const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
@@ -59,7 +63,7 @@ impl LeafRequest {
             common_name: common_name.to_owned(),
             dns_names: dns_names.iter().map(|s| (*s).to_owned()).collect(),
             ip_addresses: ips.to_vec(),
-            uris: Vec::new(),
+            uris: vec![SERVER_URI.to_owned()],
             usage: Usage::Server,
             validity,
         }
@@ -188,10 +192,15 @@ impl CertificateAuthority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.use_authority_key_identifier_extension = true;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![match request.usage {
-            Usage::Server => ExtendedKeyUsagePurpose::ServerAuth,
-            Usage::Client => ExtendedKeyUsagePurpose::ClientAuth,
-        }];
+        params.extended_key_usages = match request.usage {
+            // Replicas of tether-server authenticate to each other with
+            // their server certificate (peer forwarding).
+            Usage::Server => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        };
         let (not_before, not_after, not_after_system) = validity_window(request.validity)?;
         params.not_before = not_before;
         params.not_after = not_after;
@@ -261,6 +270,32 @@ pub fn cluster_identity(cert: &CertificateDer<'_>) -> Result<Option<String>, Pki
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_owned))
+}
+
+/// The DNS names a certificate is valid for.
+pub fn dns_names(cert: &CertificateDer<'_>) -> Result<Vec<String>, PkiError> {
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).map_err(|_| PkiError::Parse)?;
+    Ok(match parsed.subject_alternative_name() {
+        Ok(Some(sans)) => sans
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::DNSName(dns) => Some((*dns).to_owned()),
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    })
+}
+
+/// Whether a certificate is a tether-server's (its [`SERVER_URI`] SAN).
+pub fn is_server_identity(cert: &CertificateDer<'_>) -> bool {
+    let Ok((_, parsed)) = X509Certificate::from_der(cert.as_ref()) else {
+        return false;
+    };
+    matches!(parsed.subject_alternative_name(), Ok(Some(sans))
+        if sans.value.general_names.iter().any(|n| matches!(n, GeneralName::URI(uri) if *uri == SERVER_URI)))
 }
 
 #[cfg(test)]

@@ -66,6 +66,10 @@ pub enum FrameType {
     GoAway = 0x09,
     /// v2: the sender will send no more Data on this stream (half-close).
     Fin = 0x0a,
+    /// v2, server → agent, stream 0: the live tether-server replicas, UTF-8
+    /// names separated by commas. Sent only to agents that announced
+    /// themselves with an instance id (they hold one session per replica).
+    Replicas = 0x0b,
 }
 
 impl FrameType {
@@ -81,6 +85,7 @@ impl FrameType {
             0x08 => Self::WindowUpdate,
             0x09 => Self::GoAway,
             0x0a => Self::Fin,
+            0x0b => Self::Replicas,
             _ => return None,
         })
     }
@@ -88,7 +93,9 @@ impl FrameType {
     /// Whether a peer speaking `version` may send this type at all.
     pub fn allowed_in(self, version: Version) -> bool {
         match self {
-            Self::WindowUpdate | Self::GoAway | Self::Fin => version == Version::V2,
+            Self::WindowUpdate | Self::GoAway | Self::Fin | Self::Replicas => {
+                version == Version::V2
+            }
             _ => true,
         }
     }

@@ -14,11 +14,15 @@ use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
 use crate::http::{Body, empty, header_has_token};
 use crate::mux::websocket_config;
 use crate::protocol::{V2_SUBPROTOCOL, Version};
+use crate::server::peers::{REPLICA_HEADER, REPLICAS_HEADER};
 
 pub type TunnelSocket = WebSocketStream<TokioIo<Upgraded>>;
 
 /// Header the agent sends with its version; the server records it.
 pub const AGENT_VERSION_HEADER: &str = "x-tether-agent-version";
+/// Header with the agent process's random instance id: an agent that sends
+/// it holds one session per server replica and understands `Replicas`.
+pub const AGENT_INSTANCE_HEADER: &str = "x-tether-agent-instance";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HandshakeError {
@@ -28,6 +32,8 @@ pub enum HandshakeError {
     BadVersion,
     #[error("server answered {0} instead of switching protocols")]
     Refused(StatusCode),
+    #[error("replica {0:?} already holds a session of this agent")]
+    AlreadyHeld(String),
     #[error("server's Sec-WebSocket-Accept does not match the key sent")]
     BadAccept,
     #[error("server selected unknown subprotocol {0:?}")]
@@ -84,15 +90,26 @@ pub async fn server_socket<B>(request: Request<B>) -> Result<TunnelSocket, hyper
     .await)
 }
 
+/// What the handshake says about the server replicas (high availability).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    /// The replica reached; `None` from a server without replica support.
+    pub replica: Option<String>,
+    /// Every live replica, as that replica sees them.
+    pub replicas: Vec<String>,
+}
+
 /// Client side: performs the handshake on an established (TLS) connection.
-/// `offer_v2` false makes the agent a pure v1 peer.
+/// `offer_v2` false makes the agent a pure v1 peer; `instance` (this agent
+/// process's id) asks for one session per replica.
 pub async fn connect<IO>(
     io: IO,
     host: &str,
     path: &str,
     bearer: &str,
     offer_v2: bool,
-) -> Result<(TunnelSocket, Version), HandshakeError>
+    instance: Option<&str>,
+) -> Result<(TunnelSocket, Version, ReplicaInfo), HandshakeError>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -114,6 +131,9 @@ where
     if offer_v2 {
         builder = builder.header(header::SEC_WEBSOCKET_PROTOCOL, V2_SUBPROTOCOL);
     }
+    if let Some(instance) = instance {
+        builder = builder.header(AGENT_INSTANCE_HEADER, instance);
+    }
     let response = sender.send_request(builder.body(empty())?).await;
     let response = match response {
         Ok(response) => response,
@@ -122,10 +142,32 @@ where
             return Err(err.into());
         }
     };
+    let header_text = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let replica = header_text(REPLICA_HEADER);
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         driver.abort();
-        return Err(HandshakeError::Refused(response.status()));
+        return Err(match (response.status(), replica) {
+            (StatusCode::CONFLICT, Some(replica)) => HandshakeError::AlreadyHeld(replica),
+            (status, _) => HandshakeError::Refused(status),
+        });
     }
+    let info = ReplicaInfo {
+        replica,
+        replicas: header_text(REPLICAS_HEADER)
+            .map(|list| {
+                list.split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
     let expected = derive_accept_key(key.as_bytes());
     if response
         .headers()
@@ -151,5 +193,5 @@ where
         Some(websocket_config()),
     )
     .await;
-    Ok((socket, version))
+    Ok((socket, version, info))
 }

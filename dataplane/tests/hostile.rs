@@ -57,8 +57,8 @@ async fn rogue_socket(world: &World) -> TunnelSocket {
         .await
         .expect("tls");
     let authority = format!("localhost:{}", world.public);
-    let (socket, version) =
-        tether::websocket::connect(tls, &authority, "/connect", ROGUE_TOKEN, true)
+    let (socket, version, _) =
+        tether::websocket::connect(tls, &authority, "/connect", ROGUE_TOKEN, true, None)
             .await
             .expect("rogue handshake");
     assert_eq!(version, Version::V2);

@@ -318,18 +318,23 @@ impl World {
         self.curl(&self.net.management, &url, &args).await
     }
 
-    /// Polls the server's /readyz until it is (or is not) ready; the time it took.
-    async fn wait_ready(&self, ready: bool) -> Duration {
+    /// Polls the server's metrics until the agent is (or is not)
+    /// connected; the time it took.
+    async fn wait_connected(&self, connected: bool) -> Duration {
         let started = Instant::now();
+        let expected = format!("agents_connected {}", u8::from(connected));
         loop {
-            let (_, status, _) = self.management("/readyz", &["--max-time", "2"]).await;
-            if (status == "200") == ready {
+            let (_, _, body) = self.management("/metrics", &["--max-time", "2"]).await;
+            if String::from_utf8_lossy(&body)
+                .lines()
+                .any(|l| l == expected)
+            {
                 return started.elapsed();
             }
             assert!(
                 started.elapsed() < WAIT,
-                "server never became {}ready\n{}",
-                if ready { "" } else { "un" },
+                "the agent never became {}connected\n{}",
+                if connected { "" } else { "dis" },
                 self.logs()
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -347,7 +352,7 @@ async fn outbound_only_customer_namespace() {
     let world = World::new("o").await;
     let _server = world.server();
     let _agent = world.agent();
-    world.wait_ready(true).await;
+    world.wait_connected(true).await;
 
     let (code, status, body) = world.management("/tunnel/dev/version", &[]).await;
     assert_eq!(
@@ -384,10 +389,10 @@ async fn link_cut_is_detected_and_the_agent_reconnects() {
     let world = World::new("l").await;
     let _server = world.server();
     let _agent = world.agent();
-    world.wait_ready(true).await;
+    world.wait_connected(true).await;
 
     world.net.cut();
-    let noticed = world.wait_ready(false).await;
+    let noticed = world.wait_connected(false).await;
     eprintln!("server noticed the cut link after {noticed:?}");
     assert!(
         noticed <= KEEPALIVE_TIMEOUT + Duration::from_secs(2),
@@ -401,7 +406,7 @@ async fn link_cut_is_detected_and_the_agent_reconnects() {
     );
 
     world.net.heal();
-    let back = world.wait_ready(true).await;
+    let back = world.wait_connected(true).await;
     eprintln!("agent reconnected {back:?} after the link returned");
     let (code, status, _) = world.management("/tunnel/dev/version", &[]).await;
     assert_eq!((code, status.as_str()), (0, "200"));
@@ -415,7 +420,7 @@ async fn server_restart_mid_watch_is_a_visible_error() {
     let world = World::new("s").await;
     let mut server = world.server();
     let _agent = world.agent();
-    world.wait_ready(true).await;
+    world.wait_connected(true).await;
 
     let path = "/tunnel/dev/api/v1/namespaces/default/pods?watch=1&events=100&intervalMs=100";
     let watch = world.management(path, &[]);
@@ -437,7 +442,7 @@ async fn server_restart_mid_watch_is_a_visible_error() {
     assert_ne!(code, 0, "curl must see the broken watch as an error");
 
     let _restarted = world.server();
-    world.wait_ready(true).await;
+    world.wait_connected(true).await;
     let (code, status, _) = world.management("/tunnel/dev/version", &[]).await;
     assert_eq!((code, status.as_str()), (0, "200"));
 }
@@ -450,7 +455,7 @@ async fn agent_killed_mid_request_is_a_visible_error() {
     let world = World::new("a").await;
     let _server = world.server();
     let mut agent = world.agent();
-    world.wait_ready(true).await;
+    world.wait_connected(true).await;
 
     let total = 64u64 << 20;
     let path = format!("/tunnel/dev/bytes?n={total}");
@@ -465,7 +470,7 @@ async fn agent_killed_mid_request_is_a_visible_error() {
         code, 0,
         "curl must see the cut response as an error ({status})"
     );
-    world.wait_ready(false).await;
+    world.wait_connected(false).await;
 }
 
 /// The namespaces and veth pair are gone once a test ends.

@@ -5,17 +5,27 @@ mod support;
 
 use std::time::Duration;
 
-use support::procs::{AGENT_TOKEN, CALLER_TOKEN, SA_TOKEN, WRONG_TOKEN, World, signal};
+use support::procs::{AGENT_TOKEN, CALLER_TOKEN, SA_TOKEN, WRONG_TOKEN, World, free_port, signal};
 use support::{WAIT, cluster_json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-/// SIGTERM: a watch in flight completes; new requests are refused; the
-/// agent is back on the restarted server at once, not after its backoff.
+/// SIGTERM: /readyz fails at once while new requests are still served for
+/// --shutdown-delay; then new requests are refused, a watch in flight
+/// completes, and the agent is back on the restarted server at once, not
+/// after its backoff.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_agents_return_at_once() {
     let world = World::new().await;
-    let server = world.server(&["--shutdown-grace", "10s"]);
+    let health = free_port();
+    let server = world.server(&[
+        "--shutdown-grace",
+        "10s",
+        "--shutdown-delay",
+        "1s",
+        "--health-addr",
+        &format!("127.0.0.1:{health}"),
+    ]);
     let _agent = world.agent(AGENT_TOKEN);
     world.wait_ready().await;
 
@@ -45,10 +55,23 @@ async fn sigterm_drains_in_flight_requests_and_agents_return_at_once() {
     let mut status = String::new();
     watch.read_line(&mut status).await.expect("status");
     assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut body = status.clone();
 
     tokio::time::sleep(Duration::from_millis(300)).await;
     signal(&server.0, "TERM");
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = world.client();
+    let probe = client
+        .get(&format!("http://127.0.0.1:{health}/readyz"))
+        .await;
+    assert_eq!(probe.status, http::StatusCode::SERVICE_UNAVAILABLE);
+    let served = client.get(&world.url("/tunnel/dev/version")).await;
+    assert_eq!(
+        served.status,
+        http::StatusCode::OK,
+        "served during the delay"
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     let refused = world
         .client()
         .request(
@@ -67,13 +90,22 @@ async fn sigterm_drains_in_flight_requests_and_agents_return_at_once() {
             answer.text()
         ),
     }
-    let mut body = String::new();
     tokio::time::timeout(WAIT, watch.read_to_string(&mut body))
         .await
         .expect("watch ends")
         .expect("read");
-    let events = body.lines().filter(|l| l.starts_with('{')).count();
-    assert_eq!(events, 30, "the in-flight watch completed during the drain");
+    // The watch (30 events over 3 s) ended when draining did, cleanly: a
+    // complete chunked body of whole events, which client-go re-opens.
+    let events = dechunk(&body).expect("a complete chunked body");
+    let events: Vec<&str> = events.lines().collect();
+    assert!(
+        (3..30).contains(&events.len()),
+        "ended early, at an event: {} events",
+        events.len()
+    );
+    for event in events {
+        serde_json::from_str::<serde_json::Value>(event).expect("whole events only");
+    }
 
     let mut server = server;
     let exit = tokio::task::spawn_blocking(move || {
@@ -89,6 +121,22 @@ async fn sigterm_drains_in_flight_requests_and_agents_return_at_once() {
     let _restarted = world.server(&[]);
     let back = world.wait_ready().await;
     assert!(back < Duration::from_secs(3), "agent back after {back:?}");
+}
+
+/// The payload of an HTTP/1.1 chunked body, or `None` if it is not complete
+/// (no last chunk): how a client tells a finished stream from a cut one.
+fn dechunk(raw: &str) -> Option<String> {
+    let mut rest = raw.split_once("\r\n\r\n")?.1;
+    let mut out = String::new();
+    loop {
+        let (size, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
+    }
 }
 
 /// SIGHUP re-reads the clusters file even when polling would not.

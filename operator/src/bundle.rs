@@ -28,6 +28,8 @@ use crate::crd::ProxiedCluster;
 pub const AGENT_NAME: &str = "tether-agent";
 const HEALTH_PORT: i32 = 8081;
 const SECRET_MOUNT: &str = "/etc/tether";
+/// tether-agent's path in the all-in-one image.
+const AGENT_COMMAND: &str = "/usr/local/bin/tether-agent";
 
 /// Everything a bundle is made from. Same input, same bytes.
 #[derive(Debug, Clone)]
@@ -228,6 +230,9 @@ fn deployment(input: &BundleInput) -> Deployment {
         name: "agent".into(),
         image: Some(input.image.clone()),
         image_pull_policy: Some("IfNotPresent".into()),
+        // The image holds every tether binary and its entrypoint is
+        // tether-server: the agent must name its program.
+        command: Some(vec![AGENT_COMMAND.into()]),
         args: Some(args),
         ports: Some(vec![ContainerPort {
             name: Some("health".into()),
@@ -287,6 +292,9 @@ fn deployment(input: &BundleInput) -> Deployment {
                         run_as_non_root: Some(true),
                         run_as_user: Some(65532),
                         run_as_group: Some(65532),
+                        // The credentials volume is root-owned, mode 0440:
+                        // the pod reads it through its fsGroup.
+                        fs_group: Some(65532),
                         seccomp_profile: Some(SeccompProfile {
                             type_: "RuntimeDefault".into(),
                             ..Default::default()

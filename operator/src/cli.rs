@@ -391,18 +391,42 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `kubectl tether status` table.
+/// The `kubectl tether status` tables: one row per ProxiedCluster, then
+/// one per (cluster, tether-server replica) session.
 pub fn status_table(items: &[ProxiedCluster]) -> String {
-    let mut rows = vec![[
-        "NAMESPACE".to_owned(),
-        "NAME".into(),
-        "ID".into(),
-        "READY".into(),
-        "CONNECTED".into(),
-        "AGENT".into(),
-        "LAST SEEN".into(),
-        "CERT EXPIRES".into(),
-    ]];
+    let mut clusters = vec![
+        [
+            "NAMESPACE",
+            "NAME",
+            "ID",
+            "READY",
+            "CONNECTED",
+            "REPLICAS",
+            "AGENT",
+            "LAST SEEN",
+            "CERT EXPIRES",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    let mut sessions = vec![
+        [
+            "NAMESPACE",
+            "NAME",
+            "REPLICA",
+            "CONNECTED",
+            "SINCE",
+            "AGENT",
+            "REMOTE",
+            "LAST SEEN",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    let time = |t: &Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>| {
+        t.as_ref().map_or("-".into(), |t| t.0.to_string())
+    };
+    let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".into());
     for pc in items {
         let status = pc.status.clone().unwrap_or_default();
         let ready = status
@@ -417,7 +441,7 @@ pub fn status_table(items: &[ProxiedCluster]) -> String {
                 }
             });
         let connection = status.connection.clone().unwrap_or_default();
-        rows.push([
+        clusters.push(vec![
             pc.namespace().unwrap_or_default(),
             pc.name_any(),
             status.cluster_id.clone().unwrap_or_else(|| pc.cluster_id()),
@@ -427,15 +451,36 @@ pub fn status_table(items: &[ProxiedCluster]) -> String {
             } else {
                 "never".into()
             },
-            connection.agent_version.unwrap_or_else(|| "-".into()),
-            connection.last_seen.map_or("-".into(), |t| t.0.to_string()),
-            status
-                .certificates
-                .and_then(|c| c.agent_not_after)
-                .map_or("-".into(), |t| t.0.to_string()),
+            text(&connection.replicas),
+            text(&connection.agent_version),
+            time(&connection.last_seen),
+            time(&status.certificates.and_then(|c| c.agent_not_after)),
         ]);
+        for (replica, session) in &status.agent_sessions {
+            sessions.push(vec![
+                pc.namespace().unwrap_or_default(),
+                pc.name_any(),
+                replica.clone(),
+                session.connected.to_string(),
+                time(&session.since),
+                text(&session.agent_version),
+                text(&session.remote_address),
+                time(&session.last_seen),
+            ]);
+        }
     }
-    let widths: Vec<usize> = (0..8)
+    let mut out = table(&clusters);
+    if sessions.len() > 1 {
+        out.push('\n');
+        out.push_str(&table(&sessions));
+    }
+    out
+}
+
+/// Left-aligned columns, three spaces apart.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
         .map(|i| rows.iter().map(|r| r[i].len()).max().unwrap_or(0))
         .collect();
     rows.iter()

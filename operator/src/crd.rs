@@ -29,6 +29,7 @@ pub const DEFAULT_AGENT_NAMESPACE: &str = "tether-agent";
     status = "ProxiedClusterStatus",
     printcolumn = r#"{"name":"ID","type":"string","jsonPath":".status.clusterId"}"#,
     printcolumn = r#"{"name":"CONNECTED","type":"boolean","jsonPath":".status.connection.connected"}"#,
+    printcolumn = r#"{"name":"REPLICAS","type":"string","jsonPath":".status.connection.replicas"}"#,
     printcolumn = r#"{"name":"AGENT","type":"string","jsonPath":".status.connection.agentVersion"}"#,
     printcolumn = r#"{"name":"LAST SEEN","type":"date","jsonPath":".status.connection.lastSeen"}"#,
     // A string, not a date: kubectl shows date columns as an age, and a
@@ -220,9 +221,14 @@ pub struct ProxiedClusterStatus {
     /// The ArgoCD cluster Secret (namespace/name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argocd_secret: Option<String>,
-    /// Written by tether-server, never by the operator.
+    /// The agent's connection, summed up by the operator from
+    /// `agentSessions`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<ConnectionStatus>,
+    /// The agent's session with each tether-server replica, keyed by
+    /// replica (pod) name. Each replica writes only its own entry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub agent_sessions: BTreeMap<String, AgentSession>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
@@ -244,6 +250,24 @@ pub struct BundleRef {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ConnectionStatus {
+    /// At least one replica holds a live session of the agent.
+    pub connected: bool,
+    /// Replicas holding a session, of the live replicas: `2/3`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<String>,
+    /// When the oldest live session started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<Time>,
+}
+
+/// One replica's session with the agent, written by that replica.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSession {
     pub connected: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,
@@ -251,10 +275,14 @@ pub struct ConnectionStatus {
     pub agent_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_address: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_replica: Option<String>,
+    /// Refreshed every 30 s while connected: an entry that stops being
+    /// refreshed belongs to a replica that died without saying so.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<Time>,
+    /// The replicas live when this one wrote the entry (itself included
+    /// unless it is leaving).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub live_replicas: Vec<String>,
 }
 
 impl ProxiedCluster {

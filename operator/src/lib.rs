@@ -5,6 +5,7 @@
 pub mod argocd;
 pub mod bundle;
 pub mod cli;
+pub mod connection;
 pub mod crd;
 pub mod fake_api;
 #[doc(hidden)]

@@ -24,8 +24,10 @@ use tracing::{info, warn};
 
 use crate::argocd;
 use crate::bundle::{self, BundleInput};
+use crate::connection;
 use crate::crd::{
-    BundleRef, CertificatesStatus, ProxiedCluster, ProxiedClusterSpec, ProxiedClusterStatus,
+    BundleRef, CertificatesStatus, ConnectionStatus, ProxiedCluster, ProxiedClusterSpec,
+    ProxiedClusterStatus,
 };
 use crate::objects::{Applied, delete_secret, ensure_secret, secret_text};
 use crate::pki::{GlobalPki, GlobalPkiError, LeafSecret, ensure_leaf, issued_from};
@@ -344,20 +346,24 @@ impl Conditions {
         });
     }
 
-    /// AgentConnected mirrors what tether-server reported in status.connection.
-    fn set_connected(&mut self, pc: &ProxiedCluster) {
-        match pc.status.as_ref().and_then(|s| s.connection.as_ref()) {
+    /// AgentConnected mirrors the sessions the tether-server replicas
+    /// reported.
+    fn set_connected(&mut self, connection: Option<&ConnectionStatus>) {
+        match connection {
             Some(c) if c.connected => self.set(
                 "AgentConnected",
                 true,
                 "Connected",
-                "the agent's tunnel is up",
+                format!(
+                    "the agent's tunnel is up ({} replicas)",
+                    c.replicas.as_deref().unwrap_or("?")
+                ),
             ),
             Some(_) => self.set(
                 "AgentConnected",
                 false,
                 "Disconnected",
-                "the agent is not connected",
+                "no tether-server replica holds a live session of the agent",
             ),
             None => self.set(
                 "AgentConnected",
@@ -369,23 +375,29 @@ impl Conditions {
     }
 }
 
-/// Writes the operator's part of the status (never `connection`, which is
-/// tether-server's) when it differs from what is there.
+/// Writes the operator's part of the status (never an `agentSessions`
+/// entry, which its replica writes, except to forget one long stale) when it
+/// differs from what is there.
 async fn write_status(
     pc: &ProxiedCluster,
     ctx: &Context,
     desired: ProxiedClusterStatus,
+    forget: &[String],
 ) -> Result<(), Error> {
     let current = pc.status.clone().unwrap_or_default();
     let comparable = ProxiedClusterStatus {
-        connection: current.connection.clone(),
+        agent_sessions: current.agent_sessions.clone(),
         ..desired.clone()
     };
-    if comparable == current {
+    if comparable == current && forget.is_empty() {
         return Ok(());
     }
     let api: Api<ProxiedCluster> =
         Api::namespaced(ctx.client.clone(), &pc.namespace().unwrap_or_default());
+    let forgotten: serde_json::Map<String, serde_json::Value> = forget
+        .iter()
+        .map(|name| (name.clone(), serde_json::Value::Null))
+        .collect();
     // Explicit nulls clear fields that no longer apply (merge patch).
     let patch = json!({
         "status": {
@@ -396,6 +408,8 @@ async fn write_status(
             "certificates": desired.certificates,
             "bundle": desired.bundle,
             "argocdSecret": desired.argocd_secret,
+            "connection": desired.connection,
+            "agentSessions": forgotten,
         }
     });
     api.patch_status(
@@ -411,6 +425,13 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
     let namespace = pc.namespace().ok_or(Error::MissingObjectKey("namespace"))?;
     let id = pc.cluster_id();
     let mut conditions = Conditions::new(pc);
+    let sessions = connection::summarize(
+        &pc.status
+            .as_ref()
+            .map(|s| s.agent_sessions.clone())
+            .unwrap_or_default(),
+        SystemTime::now(),
+    );
     let lifetime = match validate(pc, ctx) {
         Ok(valid) => valid.agent_cert_lifetime,
         Err(problem) => {
@@ -419,14 +440,15 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
                 .iter()
                 .any(|c| c.type_ == "Ready" && c.reason == "InvalidSpec" && c.message == problem);
             conditions.set("Ready", false, "InvalidSpec", problem.clone());
-            conditions.set_connected(pc);
+            conditions.set_connected(sessions.connection.as_ref());
             let status = ProxiedClusterStatus {
                 cluster_id: Some(id),
                 observed_generation: pc.metadata.generation,
                 conditions: conditions.list,
+                connection: sessions.connection.clone(),
                 ..Default::default()
             };
-            write_status(pc, ctx, status).await?;
+            write_status(pc, ctx, status, &sessions.forget).await?;
             if !was_invalid {
                 ctx.publish(pc, EventType::Warning, "InvalidSpec", problem)
                     .await;
@@ -669,7 +691,7 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
             "see CertificatesIssued"
         },
     );
-    conditions.set_connected(pc);
+    conditions.set_connected(sessions.connection.as_ref());
     let status = ProxiedClusterStatus {
         cluster_id: Some(id),
         observed_generation: pc.metadata.generation,
@@ -680,15 +702,19 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
         }),
         bundle: bundle_ref,
         argocd_secret,
-        connection: None,
+        connection: sessions.connection.clone(),
+        agent_sessions: Default::default(),
     };
-    write_status(pc, ctx, status).await?;
+    write_status(pc, ctx, status, &sessions.forget).await?;
 
     let renew_in = agent
         .as_ref()
         .map(|(_, info)| renew_delay(info))
         .unwrap_or(Duration::from_secs(30));
-    Ok(Action::requeue(renew_in.min(RESYNC)))
+    // A live session that stops being refreshed must turn into
+    // "disconnected" even if nothing else changes.
+    let recheck = sessions.recheck_in.unwrap_or(RESYNC);
+    Ok(Action::requeue(renew_in.min(recheck).min(RESYNC)))
 }
 
 fn renew_delay(info: &CertInfo) -> Duration {

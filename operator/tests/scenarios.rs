@@ -394,9 +394,15 @@ async fn first_apply_issues_token_certificate_config_registration_and_bundle() {
             ("AgentConnected".into(), "False".into()),
         ]
     );
-    assert!(
-        status["status"].get("connection").is_none(),
-        "the operator never writes connection"
+    assert_eq!(
+        status["status"]["connection"],
+        Value::Null,
+        "no replica reported a session: no connection summary"
+    );
+    assert_eq!(
+        status["status"]["agentSessions"],
+        serde_json::json!({}),
+        "the operator writes no replica's session entry"
     );
     no_more_calls(&mut handle).await;
 }

@@ -217,10 +217,13 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
         connection.agent_version.as_deref(),
         Some(env!("CARGO_PKG_VERSION"))
     );
-    assert_eq!(connection.server_replica.as_deref(), Some("server-0"));
+    assert_eq!(connection.replicas.as_deref(), Some("1/1"));
+    let session = &pc.status.as_ref().expect("status").agent_sessions["server-0"];
+    assert!(session.connected);
     assert!(
-        connection
+        session
             .remote_address
+            .as_ref()
             .is_some_and(|r| r.starts_with("127.0.0.1:"))
     );
     assert_eq!(

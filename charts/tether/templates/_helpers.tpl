@@ -18,6 +18,9 @@ helm.sh/chart: {{ .Chart.Name }}-{{ .Chart.Version | replace "+" "_" }}
 runAsNonRoot: true
 runAsUser: 65532
 runAsGroup: 65532
+# Secret volumes are owned by root; fsGroup makes them group-readable by the
+# pod's own group (defaultMode 0440) instead of by everyone.
+fsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
 {{- end }}

@@ -18,6 +18,8 @@ use crate::listen;
 pub struct AgentMetrics {
     registry: Registry,
     pub connected: IntGauge,
+    /// Sessions held: one per tether-server replica reached.
+    pub sessions: IntGauge,
     pub reconnects: IntCounter,
     pub upstream_requests: IntCounter,
     pub upstream_errors: IntCounter,
@@ -28,7 +30,11 @@ impl AgentMetrics {
         let registry = Registry::new();
         let connected = IntGauge::new(
             "agent_connected",
-            "1 while the tunnel to tether-server is up.",
+            "1 while at least one tunnel session to tether-server is up.",
+        )?;
+        let sessions = IntGauge::new(
+            "agent_sessions",
+            "Tunnel sessions held, one per tether-server replica.",
         )?;
         let reconnects = IntCounter::new(
             "agent_reconnects_total",
@@ -43,12 +49,14 @@ impl AgentMetrics {
             "Requests that could not be forwarded (unreadable token, target unreachable, refused target).",
         )?;
         registry.register(Box::new(connected.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(reconnects.clone()))?;
         registry.register(Box::new(upstream_requests.clone()))?;
         registry.register(Box::new(upstream_errors.clone()))?;
         Ok(Self {
             registry,
             connected,
+            sessions,
             reconnects,
             upstream_requests,
             upstream_errors,

@@ -18,7 +18,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::mux::{Role, Session, SessionConfig};
 use crate::protocol::Version;
@@ -37,6 +37,9 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 /// jitter, up to `FAST_RETRY_MAX` apart) for this long instead of backing off.
 const FAST_RETRY_WINDOW: Duration = Duration::from_secs(30);
 const FAST_RETRY_MAX: Duration = Duration::from_millis(500);
+/// Dials that reach a replica the agent already holds are retried quickly
+/// this many times before backing off.
+const QUICK_REDIALS: u32 = 8;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -195,22 +198,23 @@ impl ServerEndpoint {
         &self,
         token: &str,
         offer_v2: bool,
-    ) -> Result<(websocket::TunnelSocket, Version), String> {
+        instance: Option<&str>,
+    ) -> Result<(websocket::TunnelSocket, Version, websocket::ReplicaInfo), DialError> {
         let tcp = tokio::time::timeout(
             CONNECT_TIMEOUT,
             TcpStream::connect((self.host.as_str(), self.port)),
         )
         .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|err| format!("connect failed: {err}"))?;
+        .map_err(|_| DialError::Failed("connect timed out".to_owned()))?
+        .map_err(|err| DialError::Failed(format!("connect failed: {err}")))?;
         let _ = tcp.set_nodelay(true);
         let io = match &self.tls {
             Some((connector, name)) => {
                 let stream =
                     tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
                         .await
-                        .map_err(|_| "TLS handshake timed out".to_owned())?
-                        .map_err(|err| format!("TLS handshake failed: {err}"))?;
+                        .map_err(|_| DialError::Failed("TLS handshake timed out".to_owned()))?
+                        .map_err(|err| DialError::Failed(format!("TLS handshake failed: {err}")))?;
                 Either::Left(stream)
             }
             None => Either::Right(tcp),
@@ -218,12 +222,22 @@ impl ServerEndpoint {
         let authority = format!("{}:{}", self.host, self.port);
         tokio::time::timeout(
             CONNECT_TIMEOUT,
-            websocket::connect(io, &authority, &self.path, token, offer_v2),
+            websocket::connect(io, &authority, &self.path, token, offer_v2, instance),
         )
         .await
-        .map_err(|_| "WebSocket handshake timed out".to_owned())?
-        .map_err(|err| err.to_string())
+        .map_err(|_| DialError::Failed("WebSocket handshake timed out".to_owned()))?
+        .map_err(|err| match err {
+            websocket::HandshakeError::AlreadyHeld(replica) => DialError::AlreadyHeld(replica),
+            other => DialError::Failed(other.to_string()),
+        })
     }
+}
+
+#[derive(Debug)]
+enum DialError {
+    /// The load balancer chose a replica this agent already holds.
+    AlreadyHeld(String),
+    Failed(String),
 }
 
 fn read_token(args: &AgentArgs) -> Result<String, AgentError> {
@@ -303,6 +317,32 @@ impl Agent {
     }
 }
 
+/// A session's end, as its task reports it to the connection loop.
+struct SessionEnd {
+    replica: String,
+    generation: u64,
+    /// The server sent GoAway (restarting or rolling).
+    going_away: bool,
+    healthy: bool,
+}
+
+/// What the connection loop learns from its sessions.
+enum SessionNews {
+    Ended(SessionEnd),
+    /// A replica announced the live replicas.
+    Replicas(Vec<String>),
+}
+
+/// A random id for this agent process: servers refuse its second session
+/// to a replica it already holds.
+fn new_instance_id() -> String {
+    hex::encode(rand::rng().random::<[u8; 8]>())
+}
+
+/// Keeps one session with every live tether-server replica (one session
+/// to a server without replica support, or with `--protocol v1`). Dials
+/// through the same URL, with backoff and jitter, until the replicas the
+/// servers announce are all held; a session that ends is replaced.
 async fn run(
     args: AgentArgs,
     endpoint: ServerEndpoint,
@@ -311,99 +351,201 @@ async fn run(
     stop: CancellationToken,
 ) {
     let offer_v2 = args.protocol == "v2";
+    // Replicas frames are v2: a v1 agent holds a single session.
+    let instance = offer_v2.then(new_instance_id);
+    let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
+    let mut held: std::collections::HashMap<String, (u64, Session)> = Default::default();
+    let mut wanted: Vec<String> = Vec::new();
+    let mut generation: u64 = 0;
     let mut attempt: u32 = 0;
+    let mut already_held: u32 = 0;
     let mut fast_retry_until: Option<Instant> = None;
+    let mut next_dial = tokio::time::Instant::now();
     loop {
-        let token = match read_token(&args) {
-            Ok(token) => token,
-            Err(err) => {
-                warn!(error = %err, "cannot read the agent token");
-                String::new()
-            }
-        };
-        let dialed = if token.is_empty() {
-            Err("no agent token".to_owned())
-        } else {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                dialed = endpoint.dial(&token, offer_v2) => dialed,
-            }
-        };
-        let mut reconnect_now = false;
-        match dialed {
-            Ok((socket, version)) => {
-                let started = Instant::now();
-                let mut config = SessionConfig::new(version, Role::Acceptor, "server");
-                config.max_streams = args.max_conns;
-                config.keepalive_interval = args.keepalive_interval;
-                config.keepalive_timeout = args.keepalive_timeout;
-                let (session, incoming) = Session::start(socket, config);
-                metrics.connected.set(1);
-                info!(server = %args.server, protocol = version.as_str(), "tunnel connected");
-                if let Some(incoming) = incoming {
-                    reconnect_now = serve_session(&session, incoming, &upstream, &stop).await;
-                }
-                metrics.connected.set(0);
-                if stop.is_cancelled() {
-                    session.close("agent shutting down");
-                    return;
-                }
-                if started.elapsed() >= HEALTHY_SESSION || reconnect_now {
-                    attempt = 0;
-                    fast_retry_until = None;
-                }
-                info!(
-                    reason = session
-                        .close_reason()
-                        .unwrap_or_else(|| "server going away".into()),
-                    "tunnel disconnected"
-                );
-            }
-            Err(err) => {
-                warn!(server = %args.server, error = %err, "cannot connect to tether-server")
-            }
-        }
-        metrics.reconnects.inc();
-        if reconnect_now {
-            fast_retry_until = Some(Instant::now() + FAST_RETRY_WINDOW);
-            continue;
-        }
-        let wait = match fast_retry_until {
-            Some(until) if Instant::now() < until => backoff(0, FAST_RETRY_MAX),
-            _ => {
-                attempt = attempt.saturating_add(1);
-                backoff(attempt - 1, args.max_retry)
-            }
-        };
-        info!(wait = ?wait, "reconnecting after backoff");
+        let missing = held.is_empty() || wanted.iter().any(|r| !held.contains_key(r));
+        metrics.connected.set(i64::from(!held.is_empty()));
+        metrics.sessions.set(held.len() as i64);
         tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => {
+                for (_, session) in held.values() {
+                    session.close("agent shutting down");
+                }
+                return;
+            }
+            Some(event) = news.recv() => match event {
+                SessionNews::Replicas(replicas) => {
+                    if replicas != wanted {
+                        info!(replicas = ?replicas, held = ?held.keys().collect::<Vec<_>>(), "server replicas changed");
+                        wanted = replicas;
+                    }
+                }
+                SessionNews::Ended(end) => {
+                    if held.get(&end.replica).is_some_and(|(g, _)| *g == end.generation) {
+                        held.remove(&end.replica);
+                    }
+                    metrics.reconnects.inc();
+                    if end.healthy || end.going_away {
+                        attempt = 0;
+                    }
+                    if end.going_away {
+                        // The server is rolling: come back quickly.
+                        fast_retry_until = Some(Instant::now() + FAST_RETRY_WINDOW);
+                        next_dial = tokio::time::Instant::now();
+                        wanted.retain(|r| *r != end.replica);
+                    } else if held.is_empty() {
+                        next_dial = tokio::time::Instant::now() + retry_wait(&mut attempt, fast_retry_until, args.max_retry);
+                    }
+                }
+            },
+            _ = tokio::time::sleep_until(next_dial), if missing => {
+                let token = match read_token(&args) {
+                    Ok(token) => token,
+                    Err(err) => {
+                        warn!(error = %err, "cannot read the agent token");
+                        next_dial = tokio::time::Instant::now() + retry_wait(&mut attempt, fast_retry_until, args.max_retry);
+                        continue;
+                    }
+                };
+                let dialed = tokio::select! {
+                    _ = stop.cancelled() => continue,
+                    dialed = endpoint.dial(&token, offer_v2, instance.as_deref()) => dialed,
+                };
+                match dialed {
+                    Ok((socket, version, info)) => {
+                        already_held = 0;
+                        let replica = info.replica.clone().unwrap_or_else(|| args.server.clone());
+                        if instance.is_some() && !info.replicas.is_empty() {
+                            wanted = info.replicas.clone();
+                        }
+                        let mut config = SessionConfig::new(version, Role::Acceptor, format!("server {replica}"));
+                        config.max_streams = args.max_conns;
+                        config.keepalive_interval = args.keepalive_interval;
+                        config.keepalive_timeout = args.keepalive_timeout;
+                        let (session, incoming) = Session::start(socket, config);
+                        info!(server = %args.server, %replica, protocol = version.as_str(), "tunnel connected");
+                        generation += 1;
+                        if let Some((_, replaced)) = held.insert(replica.clone(), (generation, session.clone())) {
+                            replaced.close("replaced by a newer session to the same replica");
+                        }
+                        tokio::spawn(serve_session(
+                            replica,
+                            generation,
+                            session,
+                            incoming,
+                            upstream.clone(),
+                            news_tx.clone(),
+                            stop.clone(),
+                        ));
+                        // More replicas to reach: dial again soon, jittered
+                        // so a fleet spreads over the load balancer.
+                        next_dial = tokio::time::Instant::now() + backoff(0, FAST_RETRY_MAX);
+                    }
+                    Err(DialError::AlreadyHeld(replica)) => {
+                        already_held = already_held.saturating_add(1);
+                        debug!(%replica, "reached a replica this agent already holds; dialing again");
+                        // A balancer spreading connections gets there in a
+                        // few tries; one that pins this agent gets the full
+                        // backoff after that, so a fleet does not spin.
+                        let wait = if already_held <= QUICK_REDIALS {
+                            backoff(0, FAST_RETRY_MAX)
+                        } else {
+                            backoff(already_held - QUICK_REDIALS, args.max_retry)
+                        };
+                        next_dial = tokio::time::Instant::now() + wait;
+                    }
+                    Err(DialError::Failed(err)) => {
+                        warn!(server = %args.server, error = %err, "cannot connect to tether-server");
+                        if held.is_empty() {
+                            metrics.reconnects.inc();
+                        }
+                        next_dial = tokio::time::Instant::now() + retry_wait(&mut attempt, fast_retry_until, args.max_retry);
+                    }
+                }
+            }
         }
     }
 }
 
-/// Serves streams until the session ends. Returns true when the server
-/// sent GoAway: the caller reconnects at once while this session's streams
-/// finish on their own.
+/// The wait before the next attempt after a failure: quick (jittered, up to
+/// `FAST_RETRY_MAX`) during the window after a GoAway, else exponential.
+fn retry_wait(attempt: &mut u32, fast_retry_until: Option<Instant>, cap: Duration) -> Duration {
+    let wait = match fast_retry_until {
+        Some(until) if Instant::now() < until => backoff(0, FAST_RETRY_MAX),
+        _ => {
+            *attempt = attempt.saturating_add(1);
+            backoff(*attempt - 1, cap)
+        }
+    };
+    info!(wait = ?wait, "reconnecting after backoff");
+    wait
+}
+
+/// One session's life: serves its streams, passes on the replicas the
+/// server announces, and reports how it ended. A GoAway is reported at once
+/// (the agent dials a replacement), but the session keeps serving: Connect
+/// frames the server sent before its GoAway can arrive after it (GoAway
+/// goes ahead of queued data), and streams in flight finish.
 async fn serve_session(
-    session: &Session,
-    mut incoming: tokio::sync::mpsc::Receiver<crate::mux::IncomingStream>,
-    upstream: &Arc<upstream::Upstream>,
-    stop: &CancellationToken,
-) -> bool {
+    replica: String,
+    generation: u64,
+    session: Session,
+    incoming: Option<tokio::sync::mpsc::Receiver<crate::mux::IncomingStream>>,
+    upstream: Arc<upstream::Upstream>,
+    news: tokio::sync::mpsc::UnboundedSender<SessionNews>,
+    stop: CancellationToken,
+) {
+    let started = Instant::now();
+    let mut replicas = session.replicas();
+    let mut incoming = incoming;
+    let mut going_away = false;
+    let report = |going_away: bool| {
+        let _ = news.send(SessionNews::Ended(SessionEnd {
+            replica: replica.clone(),
+            generation,
+            going_away,
+            healthy: started.elapsed() >= HEALTHY_SESSION,
+        }));
+    };
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return false,
-            _ = session.peer_going_away() => return true,
-            next = incoming.recv() => match next {
+            _ = stop.cancelled() => {
+                session.close("agent shutting down");
+                return;
+            }
+            _ = session.peer_going_away(), if !going_away => {
+                going_away = true;
+                info!(%replica, "server going away; dialing a replacement while this session drains");
+                report(true);
+            }
+            changed = replicas.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if let Some(list) = replicas.borrow_and_update().clone() {
+                    let _ = news.send(SessionNews::Replicas(list));
+                }
+            }
+            next = async {
+                match incoming.as_mut() {
+                    Some(streams) => streams.recv().await,
+                    None => None,
+                }
+            } => match next {
                 Some(stream) => {
                     let upstream = upstream.clone();
                     tokio::spawn(async move { upstream.serve(stream).await });
                 }
-                None => return false,
+                None => break,
             },
         }
+    }
+    session.closed().await;
+    info!(%replica,
+        reason = session.close_reason().unwrap_or_default(),
+        "tunnel disconnected"
+    );
+    if !going_away {
+        report(false);
     }
 }
 

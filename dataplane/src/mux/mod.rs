@@ -44,6 +44,9 @@ const DATA_QUEUE_FRAMES: usize = 64;
 const CONTROL_QUEUE_LIMIT: usize = 4096;
 /// Malformed frames tolerated from one peer before it counts as broken.
 const PROTOCOL_ERROR_BUDGET: u32 = 64;
+/// Replica names kept from one announcement: a bound, not a limit a real
+/// deployment comes near.
+const MAX_ANNOUNCED_REPLICAS: usize = 64;
 /// Frames the writer sends before it flushes the socket.
 const WRITE_BATCH: usize = 32;
 
@@ -165,6 +168,8 @@ pub(crate) struct Shared {
     close_reason: Mutex<Option<String>>,
     local_going_away: AtomicBool,
     peer_going_away: CancellationToken,
+    /// The replicas the server last announced (agent side).
+    replicas: tokio::sync::watch::Sender<Option<Vec<String>>>,
     protocol_errors: AtomicU32,
     epoch: Instant,
     last_seen_ms: AtomicU64,
@@ -206,6 +211,7 @@ impl Session {
             close_reason: Mutex::new(None),
             local_going_away: AtomicBool::new(false),
             peer_going_away: CancellationToken::new(),
+            replicas: tokio::sync::watch::channel(None).0,
             protocol_errors: AtomicU32::new(0),
             epoch: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
@@ -324,6 +330,23 @@ impl Session {
     /// Resolves when the peer sends GoAway.
     pub async fn peer_going_away(&self) {
         self.shared.peer_going_away.cancelled().await;
+    }
+
+    /// Server side, v2: announces the live replicas to the agent.
+    pub fn send_replicas(&self, replicas: &[String]) {
+        if self.shared.cfg.version == Version::V2 && self.shared.cfg.role == Role::Opener {
+            self.shared.send_control(Frame::new(
+                FrameType::Replicas,
+                SESSION_STREAM,
+                Bytes::from(replicas.join(",")),
+            ));
+        }
+    }
+
+    /// Agent side: the replicas the server announced last (`None` until it
+    /// announces any).
+    pub fn replicas(&self) -> tokio::sync::watch::Receiver<Option<Vec<String>>> {
+        self.shared.replicas.subscribe()
     }
 
     /// Malformed or out-of-place frames received so far.
@@ -452,7 +475,7 @@ impl Shared {
         let id = frame.stream;
         let session_level = matches!(
             frame.kind,
-            FrameType::Ping | FrameType::Pong | FrameType::GoAway
+            FrameType::Ping | FrameType::Pong | FrameType::GoAway | FrameType::Replicas
         );
         if session_level != (id == SESSION_STREAM) {
             let error = format!("{:?} frame on stream {id}", frame.kind);
@@ -465,6 +488,20 @@ impl Shared {
             FrameType::GoAway => {
                 info!(session = %self.cfg.label, "peer is going away");
                 self.peer_going_away.cancel();
+            }
+            FrameType::Replicas if self.cfg.role == Role::Opener => {
+                self.protocol_error(None, "only the server announces replicas");
+            }
+            FrameType::Replicas => {
+                let names: Vec<String> = frame
+                    .text()
+                    .split(',')
+                    .filter(|name| !name.is_empty())
+                    .map(|name| name.chars().take(253).collect())
+                    .take(MAX_ANNOUNCED_REPLICAS)
+                    .collect();
+                debug!(session = %self.cfg.label, replicas = ?names, "server announced replicas");
+                self.replicas.send_replace(Some(names));
             }
             FrameType::Connect => self.on_connect(frame, incoming),
             FrameType::Connected => self.on_connected(id),

@@ -10,11 +10,12 @@ use tracing::{info, warn};
 
 use super::ServerState;
 use super::kubernetes::ConnectionEvent;
+use super::peers::{REPLICA_HEADER, REPLICAS_HEADER};
 use super::registry::Tunnel;
 use crate::http::{Body, bearer_token, text};
 use crate::listen::ConnInfo;
 use crate::mux::{Role, Session, SessionConfig};
-use crate::websocket::{self, AGENT_VERSION_HEADER};
+use crate::websocket::{self, AGENT_INSTANCE_HEADER, AGENT_VERSION_HEADER};
 
 /// Counts a refused authentication, in the metrics and against the
 /// source's budget of failures.
@@ -67,10 +68,36 @@ pub(super) async fn connect(
             );
         }
     }
-    let (response, version) = match websocket::accept(&request) {
+    let me = state.peers.me().to_owned();
+    let instance = request
+        .headers()
+        .get(AGENT_INSTANCE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.chars().take(64).collect::<String>());
+    if let Some(instance) = &instance
+        && state.tunnels.holds_instance(&cluster.id, instance)
+    {
+        // The agent reached a replica it already holds (the load balancer
+        // chose it again): refuse before upgrading, the first session stays.
+        let mut refused = text(
+            StatusCode::CONFLICT,
+            "this agent already holds a session here",
+        );
+        if let Ok(name) = http::HeaderValue::from_str(&me) {
+            refused.headers_mut().insert(REPLICA_HEADER, name);
+        }
+        return refused;
+    }
+    let (mut response, version) = match websocket::accept(&request) {
         Ok(accepted) => accepted,
         Err(err) => return text(StatusCode::BAD_REQUEST, &err.to_string()),
     };
+    let live = state.peers.live_replicas(false).join(",");
+    for (name, value) in [(REPLICA_HEADER, &me), (REPLICAS_HEADER, &live)] {
+        if let Ok(value) = http::HeaderValue::from_str(value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
     let agent_version = request
         .headers()
         .get(AGENT_VERSION_HEADER)
@@ -96,7 +123,7 @@ pub(super) async fn connect(
         let generation = state.tunnels.next_generation();
         let reported_version = agent_version.clone();
         info!(cluster = %cluster_id, %remote, protocol = version.as_str(),
-            agent_version = %agent_version, "agent connected");
+            agent_version = %agent_version, instance = ?instance, "agent connected");
         state.tunnels.insert(
             &cluster_id,
             Tunnel {
@@ -106,6 +133,7 @@ pub(super) async fn connect(
                 remote,
                 since: SystemTime::now(),
                 token_sha256,
+                instance,
             },
         );
         state.report(ConnectionEvent::Up {
@@ -124,4 +152,26 @@ pub(super) async fn connect(
         }
     });
     response
+}
+
+/// Tells every agent that holds a session per replica when the set of live
+/// replicas changes, so it dials the new ones and stops counting on those
+/// that left.
+pub(super) async fn announce_replicas(
+    state: Arc<ServerState>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut live = state.peers.subscribe();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            changed = live.changed() => if changed.is_err() { return },
+        }
+        let replicas = live.borrow_and_update().clone();
+        for (_, tunnel) in state.tunnels.snapshot() {
+            if tunnel.instance.is_some() {
+                tunnel.session.send_replicas(&replicas);
+            }
+        }
+    }
 }

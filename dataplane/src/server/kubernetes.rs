@@ -1,7 +1,9 @@
 //! tether-server's Kubernetes side: it learns its clusters by watching the
 //! Secret tether-operator publishes (token hashes only), and reports each
-//! agent's connection into `ProxiedCluster.status.connection`, the one
-//! status field the operator never writes.
+//! agent's session with this replica into
+//! `ProxiedCluster.status.agentSessions.<replica>`: every replica writes only
+//! its own entry, so replicas never overwrite each other, and the operator
+//! sums the entries up into `status.connection`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,6 +27,8 @@ use crate::clusters::Clusters;
 pub const CLUSTERS_KEY: &str = "clusters.json";
 /// Pending status changes are written at most this often.
 const FLUSH_EVERY: Duration = Duration::from_secs(1);
+/// On shutdown, how long the last reports may take.
+const FINAL_REPORT_WITHIN: Duration = Duration::from_secs(2);
 /// While connected, `lastSeen` is refreshed this often (not per ping).
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(30);
 
@@ -135,7 +139,9 @@ fn proxied_clusters(client: &Client, namespace: &str) -> Api<DynamicObject> {
 
 /// Writes connection changes into ProxiedCluster status: coalesced per
 /// cluster (the newest state wins), flushed every second, with a heartbeat
-/// of `lastSeen` while connected. Failed writes stay pending and retry.
+/// of `lastSeen` while connected, and again when the set of live replicas
+/// changes (the entry carries its size). Failed writes stay pending and
+/// retry.
 pub(super) async fn report_status(
     client: Client,
     replica: String,
@@ -147,9 +153,30 @@ pub(super) async fn report_status(
     let mut connected: HashMap<String, ConnectionEvent> = HashMap::new();
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    let mut live_replicas = state.peers.subscribe();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => {
+                // Leaving: this replica's sessions end with it; say so
+                // rather than let the entries expire.
+                let (client, replica, state) = (&client, &replica, &state);
+                let leaving = connected.keys().map(|cluster| async move {
+                    let down = ConnectionEvent::Down { cluster: cluster.clone() };
+                    if let Err(err) = write(client, replica, state, &down).await {
+                        warn!(%cluster, error = %err, "cannot report the session's end");
+                    }
+                });
+                let _ = tokio::time::timeout(FINAL_REPORT_WITHIN, futures_util::future::join_all(leaving)).await;
+                return;
+            }
+            changed = live_replicas.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                for (cluster, event) in &connected {
+                    pending.insert(cluster.clone(), event.clone());
+                }
+            }
             event = events.recv() => match event {
                 Some(event) => {
                     match &event {
@@ -194,7 +221,7 @@ async fn write(
     };
     let api = proxied_clusters(client, &namespace);
     let now = rfc3339(SystemTime::now());
-    let connection = match event {
+    let session = match event {
         ConnectionEvent::Up {
             agent_version,
             remote,
@@ -205,26 +232,12 @@ async fn write(
             "since": rfc3339(*since),
             "agentVersion": agent_version,
             "remoteAddress": remote,
-            "serverReplica": replica,
             "lastSeen": now,
+            "liveReplicas": state.peers.live_replicas(state.draining.is_cancelled()),
         }),
-        ConnectionEvent::Down { .. } => {
-            // After a reconnect to another replica, that replica owns the
-            // status: a late disconnect from here must not overwrite it.
-            let current = match api.get_opt(&name).await? {
-                Some(object) => object,
-                None => return Ok(()),
-            };
-            let owner = current.data["status"]["connection"]["serverReplica"]
-                .as_str()
-                .map(str::to_owned);
-            if owner.as_deref().is_some_and(|owner| owner != replica) {
-                return Ok(());
-            }
-            json!({"connected": false, "lastSeen": now})
-        }
+        ConnectionEvent::Down { .. } => json!({"connected": false, "lastSeen": now}),
     };
-    let patch = json!({"status": {"connection": connection}});
+    let patch = json!({"status": {"agentSessions": {replica: session}}});
     match api
         .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await

@@ -23,6 +23,8 @@ pub struct ServerMetrics {
     pub auth_failures: IntCounterVec,
     pub identity_mismatches: IntCounter,
     pub auth_rate_limited: IntCounter,
+    /// Requests this replica sent to a peer, by result (`ok`, `error`).
+    pub forwarded: IntCounterVec,
 }
 
 impl ServerMetrics {
@@ -86,6 +88,14 @@ impl ServerMetrics {
         )?;
         registry.register(Box::new(identity_mismatches.clone()))?;
         registry.register(Box::new(auth_rate_limited.clone()))?;
+        let forwarded = IntCounterVec::new(
+            Opts::new(
+                "peer_forwarded_requests_total",
+                "Requests forwarded to the replica holding the cluster's tunnel, by result.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(forwarded.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -97,6 +107,7 @@ impl ServerMetrics {
             auth_failures,
             identity_mismatches,
             auth_rate_limited,
+            forwarded,
         })
     }
 

@@ -5,6 +5,7 @@ mod agents;
 mod config;
 pub mod kubernetes;
 pub mod metrics;
+pub mod peers;
 mod proxy;
 mod ratelimit;
 pub mod registry;
@@ -108,6 +109,33 @@ pub struct ServerArgs {
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[arg(long, env = "SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// On SIGTERM, how long this replica keeps serving new requests after
+    /// failing /readyz: the time a Service or load balancer takes to stop
+    /// sending it traffic.
+    #[arg(long, env = "SHUTDOWN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+    /// The other replicas' internal base URLs, comma-separated (standalone
+    /// high availability), e.g. `https://10.0.0.2:8080,https://10.0.0.3:8080`.
+    #[arg(long, env = "PEERS", value_parser = peers::parse_peer_urls, conflicts_with = "peer_service")]
+    pub peers: Option<peers::PeerUrls>,
+    /// Headless Service whose EndpointSlices list the replicas (in
+    /// Kubernetes; the namespace is --peer-namespace).
+    #[arg(long, env = "PEER_SERVICE")]
+    pub peer_service: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub peer_namespace: String,
+    /// How often each peer is asked which clusters it holds.
+    #[arg(long, env = "PEER_SYNC_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub peer_sync_interval: Duration,
+    /// DNS name every replica's certificate carries, checked when one
+    /// replica connects to another (default: the first DNS name of this
+    /// replica's own certificate, which all replicas share).
+    #[arg(long, env = "PEER_TLS_NAME")]
+    pub peer_tls_name: Option<String>,
+    /// Plain-HTTP `/healthz` and `/readyz` for kubelet probes (the tunnel
+    /// ports require client certificates). Off when unset.
+    #[arg(long, env = "HEALTH_ADDR", value_parser = parse_listen_addr)]
+    pub health_addr: Option<SocketAddr>,
     /// How often the clusters file and TLS files are checked for changes.
     #[arg(long, env = "RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
@@ -128,6 +156,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
+    #[error("peers: {0}")]
+    Peers(#[from] peers::PeerError),
 }
 
 /// State shared by both ports.
@@ -140,8 +170,14 @@ pub(crate) struct ServerState {
     limiter: ratelimit::RateLimiter<String>,
     /// Failed agent authentications per source address.
     auth_failures: ratelimit::RateLimiter<std::net::IpAddr>,
-    /// Set on SIGTERM: no new tunnels or requests.
+    /// Set on SIGTERM: /readyz fails and no new tunnels are accepted;
+    /// requests are still served (locally or by a peer) until the end.
     draining: CancellationToken,
+    /// The other replicas (high availability).
+    peers: Arc<peers::Peers>,
+    /// Set when draining ends: agents get GoAway, ports stop accepting,
+    /// watches end at their next event boundary.
+    stopping: CancellationToken,
     mtls: bool,
     /// Where connection changes go, when status reporting is on.
     reporter: Option<tokio::sync::mpsc::UnboundedSender<kubernetes::ConnectionEvent>>,
@@ -168,6 +204,23 @@ impl ServerState {
         }
     }
 
+    /// What this replica tells its peers.
+    fn replica_state(&self) -> peers::ReplicaState {
+        let mut clusters: Vec<String> = self
+            .tunnels
+            .snapshot()
+            .into_iter()
+            .filter(|(_, t)| !t.session.is_draining())
+            .map(|(id, _)| id)
+            .collect();
+        clusters.sort();
+        peers::ReplicaState {
+            replica: self.peers.me().to_owned(),
+            clusters,
+            draining: self.draining.is_cancelled(),
+        }
+    }
+
     fn report(&self, event: kubernetes::ConnectionEvent) {
         if let Some(reporter) = &self.reporter {
             let _ = reporter.send(event);
@@ -179,6 +232,8 @@ impl ServerState {
 pub struct RunningServer {
     pub public_addr: SocketAddr,
     pub internal_addr: SocketAddr,
+    /// The plain-HTTP probe port, when `--health-addr` is set.
+    pub health_addr: Option<SocketAddr>,
     state: Arc<ServerState>,
     stop: CancellationToken,
     tasks: JoinSet<()>,
@@ -242,6 +297,44 @@ impl RunningServer {
             source,
         })?;
 
+        let has_peers = args.peers.is_some() || args.peer_service.is_some();
+        let peer_tls = match (&args.tls_cert, &args.tls_key) {
+            // The peer client is built only where there are peers: its TLS
+            // name comes from the certificate, which may have none.
+            _ if !has_peers => None,
+            (Some(cert), Some(key)) => Some(peers::PeerTls {
+                cert: cert.clone(),
+                key: key.clone(),
+                ca: args.tls_client_ca.clone(),
+                name: args.peer_tls_name.clone(),
+            }),
+            _ => None,
+        };
+        let peer_set = Arc::new(peers::Peers::new(
+            args.replica_name.clone(),
+            args.peer_sync_interval,
+            peers::peer_client(peer_tls.as_ref())?,
+        ));
+        let peer_scheme = if peer_tls.is_some() { "https" } else { "http" };
+        if let Some(urls) = &args.peers {
+            peer_set.set_targets(
+                urls.0
+                    .iter()
+                    .map(|url| peers::PeerTarget {
+                        url: url.clone(),
+                        expected_name: None,
+                    })
+                    .collect(),
+            );
+        }
+        let discovery = match (&args.peer_service, &client) {
+            (Some(service), Some(client)) => Some((service.clone(), client.clone())),
+            (Some(_), None) => match kube::Client::try_default().await {
+                Ok(client) => args.peer_service.clone().map(|s| (s, client)),
+                Err(err) => return Err(err.into()),
+            },
+            _ => None,
+        };
         let kube = match (&args.clusters_secret, client) {
             (Some(secret), Some(client)) => Some((secret.clone(), client)),
             _ => None,
@@ -266,6 +359,8 @@ impl RunningServer {
             tunnels: Registry::default(),
             metrics: ServerMetrics::new()?,
             draining: CancellationToken::new(),
+            peers: peer_set.clone(),
+            stopping: stop.clone(),
         });
         info!(clusters = state.clusters().len(), %public_addr, %internal_addr,
             tls = tls.is_some(), mtls = state.mtls, "tether-server listening");
@@ -291,6 +386,37 @@ impl RunningServer {
             ));
         }
         tasks.spawn(config::watch(source, state.clone(), stop.clone()));
+        tasks.spawn(peer_set.clone().run(state.draining.clone(), stop.clone()));
+        tasks.spawn(agents::announce_replicas(state.clone(), stop.clone()));
+        if let Some((service, client)) = discovery {
+            tasks.spawn(peers::discover_endpoint_slices(
+                client,
+                state.args.peer_namespace.clone(),
+                service,
+                peer_scheme,
+                internal_addr.port(),
+                peer_set.clone(),
+                stop.clone(),
+            ));
+        }
+        let health_addr = match state.args.health_addr {
+            Some(addr) => {
+                let listener = bind(addr).await?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let health_state = state.clone();
+                tasks.spawn(listen::serve(
+                    listener,
+                    None,
+                    move |conn| service(health_state.clone(), conn, health_routes),
+                    stop.clone(),
+                    grace,
+                ));
+                Some(bound)
+            }
+            None => None,
+        };
         if let (Some((secret, client)), Some(reports)) = (kube, reports) {
             tasks.spawn(kubernetes::watch_clusters(
                 client.clone(),
@@ -310,6 +436,7 @@ impl RunningServer {
         Ok(Self {
             public_addr,
             internal_addr,
+            health_addr,
             state,
             stop,
             tasks,
@@ -331,12 +458,24 @@ impl RunningServer {
         self.state.metrics.render(&self.state.tunnels)
     }
 
-    /// Drains and stops: refuses new tunnels and requests, tells agents to
-    /// reconnect elsewhere, lets in-flight requests finish within the grace
-    /// period, then closes every session.
+    /// The replicas this one counts as live (itself included).
+    pub fn live_replicas(&self) -> Vec<String> {
+        self.state
+            .peers
+            .live_replicas(self.state.draining.is_cancelled())
+    }
+
+    /// Drains and stops without failing a request: /readyz fails at once
+    /// and peers and agents are told this replica is leaving, while new
+    /// requests are still served for `--shutdown-delay` (the time load
+    /// balancers take to stop sending them). Then agents get GoAway, idle
+    /// client connections are closed, requests in flight finish within
+    /// `--shutdown-grace` (new ones find a peer), and every session closes.
     pub async fn shutdown(mut self) {
-        info!(grace = ?self.state.args.shutdown_grace, "draining");
+        let args = &self.state.args;
+        info!(delay = ?args.shutdown_delay, grace = ?args.shutdown_grace, "draining");
         self.state.draining.cancel();
+        tokio::time::sleep(args.shutdown_delay).await;
         self.state.tunnels.go_away_all();
         self.stop.cancel();
         while self.tasks.join_next().await.is_some() {}
@@ -385,14 +524,8 @@ fn internal_routes(
         return Box::pin(proxy::proxy(state, conn, request));
     }
     match path {
-        "/healthz" => ready(text(StatusCode::OK, "ok")),
-        "/readyz" if state.draining.is_cancelled() => {
-            ready(text(StatusCode::SERVICE_UNAVAILABLE, "draining"))
-        }
-        "/readyz" if state.tunnels.is_empty() => {
-            ready(text(StatusCode::SERVICE_UNAVAILABLE, "no agent connected"))
-        }
-        "/readyz" => ready(text(StatusCode::OK, "ok")),
+        "/healthz" | "/readyz" => health_routes(state, conn, request),
+        peers::STATE_PATH => ready(replica_state(&state, &conn)),
         "/metrics" => {
             let mut response = Response::new(full(state.metrics.render(&state.tunnels)));
             response.headers_mut().insert(
@@ -403,6 +536,47 @@ fn internal_routes(
         }
         _ => ready(text(StatusCode::NOT_FOUND, "not found")),
     }
+}
+
+/// Probes: live while the process runs; ready until it starts draining.
+/// Readiness does not wait for agents: a replica without sessions serves
+/// every cluster through its peers.
+fn health_routes(
+    state: Arc<ServerState>,
+    _conn: Arc<ConnInfo>,
+    request: Request<Incoming>,
+) -> proxy::BoxFuture {
+    match request.uri().path() {
+        "/healthz" => ready(text(StatusCode::OK, "ok")),
+        "/readyz" if state.draining.is_cancelled() => {
+            ready(text(StatusCode::SERVICE_UNAVAILABLE, "draining"))
+        }
+        "/readyz" if !state.peers.synced() => {
+            ready(text(StatusCode::SERVICE_UNAVAILABLE, "peers not asked yet"))
+        }
+        "/readyz" => ready(text(StatusCode::OK, "ok")),
+        _ => ready(text(StatusCode::NOT_FOUND, "not found")),
+    }
+}
+
+/// This replica's state for its peers. With mTLS only another replica (a
+/// tether-server certificate) may ask.
+fn replica_state(state: &ServerState, conn: &ConnInfo) -> Response<Body> {
+    if state.mtls
+        && !conn
+            .client_certificate
+            .as_ref()
+            .is_some_and(crate::pki::is_server_identity)
+    {
+        return text(StatusCode::FORBIDDEN, "only tether-server replicas may ask");
+    }
+    let body = serde_json::to_vec(&state.replica_state()).unwrap_or_default();
+    let mut response = Response::new(full(body));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 fn ready(response: Response<Body>) -> proxy::BoxFuture {

@@ -14,6 +14,7 @@ use tracing::{debug, warn};
 
 use super::ServerState;
 use super::metrics::UNKNOWN_CLUSTER;
+use super::peers::FORWARDED_HEADER;
 use crate::forward;
 use crate::http::{Body, kube_status};
 use crate::listen::ConnInfo;
@@ -41,40 +42,59 @@ pub(super) async fn proxy(
     mut request: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
-    let Some((id, path)) = split_tunnel_path(request.uri().path()) else {
+    let Some((id, path)) =
+        split_tunnel_path(request.uri().path()).map(|(id, path)| (id.to_owned(), path.to_owned()))
+    else {
         return kube_status(StatusCode::NOT_FOUND, "NotFound", "not found");
     };
     let clusters = state.clusters();
     let method = request.method().clone();
-    let (cluster, tunnel) = match clusters.get(id) {
-        Some(cluster) => (Some(cluster), state.tunnels.get(&cluster.id)),
-        None => (None, None),
-    };
+    let cluster = clusters.get(&id);
     let label = cluster
         .map_or(UNKNOWN_CLUSTER, |c| c.id.as_str())
         .to_owned();
-    let response = match (cluster, tunnel) {
-        _ if state.draining.is_cancelled() => kube_status(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ServiceUnavailable",
-            "tether-server is shutting down",
-        ),
-        (Some(cluster), Some(tunnel)) => {
-            if !state.limiter.allow(&cluster.id.clone()) {
-                state.metrics.rate_limited.inc();
-                kube_status(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "TooManyRequests",
-                    "rate limit exceeded for this cluster",
-                )
-            } else {
-                let path_and_query = match request.uri().query() {
-                    Some(query) => format!("{path}?{query}"),
-                    None => path.to_owned(),
+    // A request a peer forwarded is served here or not at all: never
+    // forwarded again, so forwarding cannot loop. The mark stays out of the
+    // tunnel.
+    let forwarded = request.headers_mut().remove(FORWARDED_HEADER).is_some();
+    let path_and_query = match request.uri().query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.clone(),
+    };
+    let line_stream = crate::http::is_line_stream(request.uri());
+    let response = match cluster {
+        None => kube_status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", UNAVAILABLE),
+        Some(cluster) if !state.limiter.allow(&cluster.id) => {
+            state.metrics.rate_limited.inc();
+            kube_status(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequests",
+                "rate limit exceeded for this cluster",
+            )
+        }
+        Some(cluster) => match Uri::try_from(path_and_query.as_str()) {
+            Err(_) => kube_status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "malformed request path",
+            ),
+            Ok(uri) => {
+                *request.uri_mut() = uri;
+                let local = state.tunnels.get(&cluster.id);
+                let usable = local
+                    .as_ref()
+                    .filter(|t| !t.session.is_draining() && !t.session.is_closed());
+                let peer = match (usable, forwarded) {
+                    (None, false) => {
+                        state
+                            .peers
+                            .find_holder(&cluster.id, state.draining.is_cancelled())
+                            .await
+                    }
+                    _ => None,
                 };
-                match Uri::try_from(path_and_query) {
-                    Ok(uri) => {
-                        *request.uri_mut() = uri;
+                match (usable, peer, &local) {
+                    (Some(tunnel), _, _) => {
                         send(
                             &state,
                             &cluster.target_addr,
@@ -84,15 +104,38 @@ pub(super) async fn proxy(
                         )
                         .await
                     }
-                    Err(_) => kube_status(
-                        StatusCode::BAD_REQUEST,
-                        "BadRequest",
-                        "malformed request path",
-                    ),
+                    (None, Some(peer), _) => {
+                        let forward_path = format!("/tunnel/{}{path_and_query}", cluster.id);
+                        forward_to_peer(&state, &peer, &forward_path, request, &label).await
+                    }
+                    // Draining and no peer holds the cluster: the draining
+                    // session still refuses with a clear error.
+                    (None, None, Some(tunnel)) => {
+                        send(
+                            &state,
+                            &cluster.target_addr,
+                            &tunnel.session,
+                            request,
+                            &label,
+                        )
+                        .await
+                    }
+                    (None, None, None) => {
+                        kube_status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", UNAVAILABLE)
+                    }
                 }
             }
-        }
-        _ => kube_status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", UNAVAILABLE),
+        },
+    };
+    // A watch or followed log on a replica that is going away ends cleanly
+    // at an event boundary when it stops; the client re-establishes it on
+    // a replica that stays.
+    let response = if line_stream && response.status() == StatusCode::OK {
+        let (parts, body) = response.into_parts();
+        let body = crate::http::EndsAtLineAfter::new(body, state.stopping.clone());
+        Response::from_parts(parts, body.boxed())
+    } else {
+        response
     };
     state
         .metrics
@@ -104,17 +147,31 @@ pub(super) async fn proxy(
         .duration
         .with_label_values(&[label.as_str()])
         .observe(started.elapsed().as_secs_f64());
-    debug!(remote = %conn.remote, cluster = %label, %method, status = response.status().as_u16(), "proxied");
+    debug!(remote = %conn.remote, cluster = %label, %method, status = response.status().as_u16(),
+        forwarded, "proxied");
     response
 }
 
-async fn send(
+/// A declared body over `--max-body-bytes` (the limit).
+struct BodyTooLarge(u64);
+
+impl BodyTooLarge {
+    fn response(&self) -> Response<Body> {
+        kube_status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestEntityTooLarge",
+            &format!("request body exceeds {} bytes", self.0),
+        )
+    }
+}
+
+/// Refuses a body larger than `--max-body-bytes` by its declared length,
+/// strips the caller's credentials and hop-by-hop headers, and bounds the
+/// body as it streams: what every hop of a request gets.
+fn prepare_outgoing(
     state: &ServerState,
-    target: &str,
-    session: &crate::mux::Session,
     mut request: Request<Incoming>,
-    label: &str,
-) -> Response<Body> {
+) -> Result<(forward::Prepared, Request<Body>), BodyTooLarge> {
     let max = state.args.max_body_bytes;
     let declared = request
         .headers()
@@ -122,21 +179,32 @@ async fn send(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max) {
-        return kube_status(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "RequestEntityTooLarge",
-            &format!("request body exceeds {max} bytes"),
-        );
+        return Err(BodyTooLarge(max));
     }
     let prepared = forward::prepare(&mut request, state.args.allow_impersonation);
     let (mut parts, body) = request.into_parts();
     parts.version = HttpVersion::HTTP_11;
-    if let Ok(host) = HeaderValue::from_str(target) {
-        parts.headers.insert(header::HOST, host);
-    }
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let outgoing = Request::from_parts(parts, Limited::new(body, limit).boxed());
+    Ok((
+        prepared,
+        Request::from_parts(parts, Limited::new(body, limit).boxed()),
+    ))
+}
 
+async fn send(
+    state: &ServerState,
+    target: &str,
+    session: &crate::mux::Session,
+    request: Request<Incoming>,
+    label: &str,
+) -> Response<Body> {
+    let (prepared, mut outgoing) = match prepare_outgoing(state, request) {
+        Ok(pair) => pair,
+        Err(refused) => return refused.response(),
+    };
+    if let Ok(host) = HeaderValue::from_str(target) {
+        outgoing.headers_mut().insert(header::HOST, host);
+    }
     let stream = match session.open(target).await {
         Ok(stream) => stream,
         Err(err) => return open_failure(err),
@@ -155,6 +223,36 @@ async fn send(
     match sender.send_request(outgoing).await {
         Ok(response) => forward::relay(prepared, response, label),
         Err(err) => tunnel_failure(&err),
+    }
+}
+
+/// Carries the request to the replica that holds the cluster's tunnel;
+/// streams, watches and upgrades relay as they would locally.
+async fn forward_to_peer(
+    state: &ServerState,
+    peer: &str,
+    path_and_query: &str,
+    request: Request<Incoming>,
+    label: &str,
+) -> Response<Body> {
+    let (prepared, outgoing) = match prepare_outgoing(state, request) {
+        Ok(pair) => pair,
+        Err(refused) => return refused.response(),
+    };
+    match state.peers.forward(peer, path_and_query, outgoing).await {
+        Ok(response) => {
+            state.metrics.forwarded.with_label_values(&["ok"]).inc();
+            forward::relay(prepared, response, label)
+        }
+        Err(err) => {
+            state.metrics.forwarded.with_label_values(&["error"]).inc();
+            warn!(cluster = %label, %peer, error = %err, "forwarding to a peer failed");
+            kube_status(
+                StatusCode::BAD_GATEWAY,
+                "ServiceUnavailable",
+                "tunnel: the replica holding this cluster did not answer",
+            )
+        }
     }
 }
 

@@ -21,6 +21,9 @@ pub struct Tunnel {
     /// The token hash the agent authenticated with; a config change that
     /// alters it ends the session.
     pub token_sha256: [u8; 32],
+    /// The agent process's instance id, from agents that hold a session
+    /// per replica (they receive `Replicas` frames); `None` for older ones.
+    pub instance: Option<String>,
 }
 
 #[derive(Default)]
@@ -64,6 +67,16 @@ impl Registry {
 
     pub fn get(&self, cluster: &str) -> Option<Tunnel> {
         self.tunnels().get(cluster).cloned()
+    }
+
+    /// Whether the same agent process already holds a live session here:
+    /// its second one is refused so the first is never disturbed.
+    pub fn holds_instance(&self, cluster: &str, instance: &str) -> bool {
+        self.tunnels().get(cluster).is_some_and(|t| {
+            t.instance.as_deref() == Some(instance)
+                && !t.session.is_closed()
+                && !t.session.is_draining()
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -145,6 +158,7 @@ mod tests {
             remote: "127.0.0.1:1".parse().expect("addr"),
             since: SystemTime::now(),
             token_sha256: crate::clusters::token_sha256("t"),
+            instance: None,
         }
     }
 

@@ -53,11 +53,18 @@ pub fn signal(child: &Child, name: &str) {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    free_ports(1)[0]
+}
+
+/// `n` distinct free ports: all held at once while chosen, so the kernel
+/// cannot hand the same one out twice.
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("addr").port())
+        .collect()
 }
 
 pub struct World {
@@ -167,26 +174,30 @@ impl World {
         format!("https://localhost:{}{path}", self.internal)
     }
 
-    /// Waits until the server reports an agent connected (its /readyz).
+    /// Waits until the server reports an agent connected (its metrics).
     pub async fn wait_ready(&self) -> Duration {
-        let client = self.client();
-        let started = Instant::now();
-        loop {
-            if let Ok(answer) = client
-                .request(
-                    http::Method::GET,
-                    &self.url("/readyz"),
-                    &[],
-                    Default::default(),
-                )
-                .await
-                && answer.status == http::StatusCode::OK
-            {
-                return started.elapsed();
-            }
-            assert!(started.elapsed() < WAIT, "server never became ready");
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        wait_agents(&self.client(), &self.url("/metrics"), 1).await
+    }
+}
+
+/// Waits until the server whose metrics are at `metrics_url` has `count`
+/// agents connected.
+pub async fn wait_agents(client: &TestClient, metrics_url: &str, count: usize) -> Duration {
+    let started = Instant::now();
+    let expected = format!("agents_connected {count}");
+    loop {
+        if let Ok(answer) = client
+            .request(http::Method::GET, metrics_url, &[], Default::default())
+            .await
+            && answer.text().lines().any(|l| l == expected)
+        {
+            return started.elapsed();
         }
+        assert!(
+            started.elapsed() < WAIT,
+            "{metrics_url} never showed {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
