@@ -36,9 +36,10 @@ struct Args {
 }
 
 /// The groups of figures, in the order they run.
-const GROUPS: [&str; 7] = [
+const GROUPS: [&str; 8] = [
     "throughput",
     "latency",
+    "ha",
     "head-of-line",
     "concurrency",
     "idle-agents",
@@ -256,6 +257,74 @@ async fn latency_rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     Ok(())
 }
 
+/// High availability: a request to a replica that does not hold the
+/// cluster's session is forwarded to one that does; what that hop adds, at
+/// concurrency 1, with mTLS on every hop (two in-process replicas, the agent
+/// on the first).
+async fn forwarding_row(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
+    let setup = rig::Setup::new()?;
+    let backend = tether::fake_apiserver::FakeApiServer::start(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+        Some(setup.api_tls()),
+        setup.sa_token.clone(),
+    )
+    .await?;
+    let internal = [rig::free_port()?, rig::free_port()?];
+    let mut replicas = Vec::new();
+    for (i, port) in internal.iter().enumerate() {
+        let mut args = setup.server_args(
+            true,
+            "127.0.0.1:0",
+            &format!("127.0.0.1:{port}"),
+            backend.addr,
+        )?;
+        args.extend([
+            "--replica-name".into(),
+            format!("bench-{i}"),
+            "--peers".into(),
+            format!("https://127.0.0.1:{}", internal[1 - i]),
+        ]);
+        replicas.push(
+            tether::server::RunningServer::start(tether::server::ServerArgs::parse_from(
+                std::iter::once("tether-server".to_owned()).chain(args),
+            ))
+            .await?,
+        );
+    }
+    let agent = tether::agent::Agent::start(tether::agent::AgentArgs::parse_from(
+        std::iter::once("tether-agent".to_owned()).chain(setup.agent_args(
+            true,
+            replicas[0].public_addr.port(),
+            backend.addr,
+        )),
+    ))
+    .await?;
+    let client = setup.client(true)?;
+    let url = |i: usize| format!("https://localhost:{}/tunnel/dev/bytes?n=1024", internal[i]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while latency(&client, &url(1), &[], 1, 1).await.is_err() {
+        anyhow::ensure!(Instant::now() < deadline, "replica 1 never forwarded");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let total = if quick { 200 } else { 3000 };
+    latency(&client, &url(0), &[], 1, 50).await?;
+    latency(&client, &url(1), &[], 1, 50).await?;
+    let (l50, l99, _) = latency(&client, &url(0), &[], 1, total).await?;
+    let (f50, f99, _) = latency(&client, &url(1), &[], 1, total).await?;
+    rows.push(Row {
+        name: "GET 1 KiB through a replica without the session, c=1 (p50 / p99; direct = the replica holding it)".into(),
+        direct: format!("{} / {}", us(l50), us(l99)),
+        tunnel: format!("{} / {}", us(f50), us(f99)),
+        ratio: format!("+{} p50", us(f50.saturating_sub(l50))),
+        target: "≤ +150 µs p50".into(),
+    });
+    agent.shutdown().await;
+    for replica in replicas {
+        replica.shutdown().await;
+    }
+    Ok(())
+}
+
 /// A fresh download while another stream on the same tunnel has stopped
 /// reading (a paused watch holding its window), against the same download
 /// on an idle tunnel.
@@ -466,6 +535,9 @@ async fn main() -> Result<()> {
     }
     if run("latency") {
         latency_rows(&mut rows, args.quick).await?;
+    }
+    if run("ha") {
+        forwarding_row(&mut rows, args.quick).await?;
     }
     if run("head-of-line") {
         head_of_line_row(&mut rows, args.quick).await?;

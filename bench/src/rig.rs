@@ -243,6 +243,9 @@ impl Setup {
             // Uploads of the size measured here, not the 32 MiB default cap.
             "--max-body-bytes".into(),
             (1u64 << 30).to_string(),
+            // No load balancer to wait for when a benchmark stops a server.
+            "--shutdown-delay".into(),
+            "0s".into(),
         ];
         if tls {
             args.extend([

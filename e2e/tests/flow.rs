@@ -162,6 +162,9 @@ fn a_proxied_cluster_end_to_end() {
     // dry run first); the operator and the server then run with exactly the
     // chart's RBAC: tokens of its ServiceAccounts, not admin.
     let (public, internal) = (free_port(), free_port());
+    // A second replica: it holds no session of the agent (which dials the
+    // first only) and serves ArgoCD by forwarding to its peer.
+    let (public_2, internal_2) = (free_port(), free_port());
     let release = format!("tether-{run}");
     let values = serde_json::json!({"argocd": {"namespace": argocd}, "publicUrl": format!("wss://localhost:{public}")});
     let chart = support::render_chart(&release, &system, &values);
@@ -259,27 +262,33 @@ fn a_proxied_cluster_end_to_end() {
     ] {
         secret_file(&k, &system, "tether-server-tls", key, &d.join(file));
     }
-    let _server = Process::spawn(
-        "tether-server",
-        &[
-            "--addr".to_owned(),
-            format!("127.0.0.1:{public}"),
-            "--internal-addr".to_owned(),
-            format!("127.0.0.1:{internal}"),
-            "--clusters-secret".to_owned(),
-            format!("{system}/tether-clusters"),
-            "--replica-name".to_owned(),
-            "e2e-server".to_owned(),
-            "--tls-cert".to_owned(),
-            d.join("server.crt").display().to_string(),
-            "--tls-key".to_owned(),
-            d.join("server.key").display().to_string(),
-            "--tls-client-ca".to_owned(),
-            d.join("ca.crt").display().to_string(),
-        ],
-        &server_env,
-        d.join("server.log"),
-    );
+    let server = |name: &str, public: u16, internal: u16, peer: u16| {
+        Process::spawn(
+            "tether-server",
+            &[
+                "--addr".to_owned(),
+                format!("127.0.0.1:{public}"),
+                "--internal-addr".to_owned(),
+                format!("127.0.0.1:{internal}"),
+                "--clusters-secret".to_owned(),
+                format!("{system}/tether-clusters"),
+                "--replica-name".to_owned(),
+                name.to_owned(),
+                "--peers".to_owned(),
+                format!("https://127.0.0.1:{peer}"),
+                "--tls-cert".to_owned(),
+                d.join("server.crt").display().to_string(),
+                "--tls-key".to_owned(),
+                d.join("server.key").display().to_string(),
+                "--tls-client-ca".to_owned(),
+                d.join("ca.crt").display().to_string(),
+            ],
+            &server_env,
+            d.join(format!("{name}.log")),
+        )
+    };
+    let _server = server("e2e-server-0", public, internal, internal_2);
+    let _server_2 = server("e2e-server-1", public_2, internal_2, internal);
 
     // The bundle leaves as one file and applies cleanly.
     let bundle = d.join("agent.yaml");
@@ -373,6 +382,7 @@ fn a_proxied_cluster_end_to_end() {
     for column in [
         "ID",
         "CONNECTED",
+        "REPLICAS",
         "AGENT",
         "LAST SEEN",
         "CERT EXPIRES",
@@ -380,8 +390,33 @@ fn a_proxied_cluster_end_to_end() {
     ] {
         assert!(table.contains(column), "{table}");
     }
+    // Each replica reports only its own session: the agent dials replica 0
+    // alone, so one of the two live replicas holds it.
+    eventually(Duration::from_secs(30), "REPLICAS 1/2", || {
+        let replicas = k.ok(&[
+            "get",
+            "proxiedcluster",
+            &id,
+            "-n",
+            &tenants,
+            "-o",
+            "jsonpath={.status.connection.replicas}",
+        ]);
+        (replicas == "1/2").then_some(())
+    });
+    let status = Command::new(support::binary("kubectl-tether"))
+        .args(["status", "-n", &tenants])
+        .env("KUBECONFIG", &kubeconfig)
+        .output()
+        .expect("kubectl-tether runs");
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("e2e-server-0") && status.contains("1/2"),
+        "per-replica view: {status}"
+    );
 
-    // ArgoCD's view: only its client certificate, through the tunnel.
+    // ArgoCD's view: only its client certificate, through the tunnel (and
+    // through the replica that does not hold it: forwarded to its peer).
     for (key, file) in [("tls.crt", "argocd.crt"), ("tls.key", "argocd.key")] {
         secret_file(&k, &system, "tether-argocd-client-tls", key, &d.join(file));
     }
@@ -389,7 +424,7 @@ fn a_proxied_cluster_end_to_end() {
     std::fs::write(
         &argocd_kubeconfig,
         format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: acme\n  cluster:\n    server: https://localhost:{internal}/tunnel/{id}\n    certificate-authority: {}\nusers:\n- name: argocd\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: acme\n  context: {{cluster: acme, user: argocd}}\ncurrent-context: acme\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: acme\n  cluster:\n    server: https://localhost:{internal_2}/tunnel/{id}\n    certificate-authority: {}\nusers:\n- name: argocd\n  user:\n    client-certificate: {}\n    client-key: {}\ncontexts:\n- name: acme\n  context: {{cluster: acme, user: argocd}}\ncurrent-context: acme\n",
             d.join("ca.crt").display(),
             d.join("argocd.crt").display(),
             d.join("argocd.key").display()

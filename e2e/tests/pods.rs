@@ -427,8 +427,25 @@ fn chart_and_bundle_run_as_pods() {
     eventually(Duration::from_secs(30), "ProxiedCluster connected", || {
         connected(&k, &tenants, &id).then_some(())
     });
-    let table = k.ok(&["get", "proxiedclusters", "-n", &tenants]);
-    println!("{table}");
+    // The agent holds a session with each of the three replicas.
+    let started = Instant::now();
+    eventually(Duration::from_secs(60), "REPLICAS 3/3", || {
+        let replicas = k.ok(&[
+            "get",
+            "proxiedcluster",
+            &id,
+            "-n",
+            &tenants,
+            "-o",
+            "jsonpath={.status.connection.replicas}",
+        ]);
+        (replicas == "3/3").then_some(())
+    });
+    println!(
+        "MEASURE: agent on all 3 replicas {:.1} s after it connected",
+        started.elapsed().as_secs_f64()
+    );
+    println!("{}", k.ok(&["get", "proxiedclusters", "-n", &tenants]));
 
     // ArgoCD's view, from a pod in ArgoCD's namespace that holds only a
     // kubeconfig made of the cluster Secret.
@@ -445,7 +462,7 @@ fn chart_and_bundle_run_as_pods() {
     ]);
     let kubectl_image = kubectl_image(d);
     let watch_pod = format!(
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: argocd-view\n  namespace: {argocd}\nspec:\n  automountServiceAccountToken: false\n  securityContext: {{runAsNonRoot: true, runAsUser: 65532, fsGroup: 65532}}\n  containers:\n  - name: kubectl\n    image: {kubectl_image}\n    imagePullPolicy: Never\n    command: [/bin/kubectl, --kubeconfig=/argocd/config, get, configmap, -n, {tenants}, --watch, --output-watch-events, -o, 'jsonpath={{.type}} {{.metadata.name}} {{.data.color}}{{\"\\n\"}}']\n    securityContext: {{readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}\n    volumeMounts: [{{name: argocd, mountPath: /argocd, readOnly: true}}]\n  volumes: [{{name: argocd, secret: {{secretName: argocd-view, defaultMode: 0440}}}}]\n"
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: argocd-view\n  namespace: {argocd}\nspec:\n  automountServiceAccountToken: false\n  securityContext: {{runAsNonRoot: true, runAsUser: 65532, fsGroup: 65532}}\n  containers:\n  - name: kubectl\n    image: {kubectl_image}\n    imagePullPolicy: Never\n    command: [/bin/kubectl, --kubeconfig=/argocd/config, get, configmap, -n, {tenants}, --watch, --output-watch-events, -o, 'jsonpath={{.type}} {{.object.metadata.name}} {{.object.data.color}}{{\"\\n\"}}']\n    securityContext: {{readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}\n    volumeMounts: [{{name: argocd, mountPath: /argocd, readOnly: true}}]\n  volumes: [{{name: argocd, secret: {{secretName: argocd-view, defaultMode: 0440}}}}]\n"
     );
     let applied = k.apply_stdin(&watch_pod, &[]);
     assert!(
@@ -586,7 +603,9 @@ fn chart_and_bundle_run_as_pods() {
 
     // A rolling restart of tether-server under steady load.
     let stop = Arc::new(AtomicBool::new(false));
-    let load = steady_load(node_kubeconfig.clone(), stop.clone());
+    let load: Vec<_> = (0..4)
+        .map(|_| steady_load(node_kubeconfig.clone(), stop.clone()))
+        .collect();
     std::thread::sleep(Duration::from_secs(2));
     k.ok(&[
         "rollout",
@@ -605,7 +624,10 @@ fn chart_and_bundle_run_as_pods() {
     ]);
     std::thread::sleep(Duration::from_secs(5));
     stop.store(true, Ordering::Relaxed);
-    let (sent, failed) = load.join().expect("load thread");
+    let (sent, failed) = load
+        .into_iter()
+        .map(|thread| thread.join().expect("load thread"))
+        .fold((0, 0), |(s, f), (s2, f2)| (s + s2, f + f2));
     println!("MEASURE: rolling restart of tether-server: {failed} of {sent} requests failed");
     wait_ready(&k, &system, "app.kubernetes.io/name=tether-server", 3);
 
@@ -690,17 +712,21 @@ fn chart_and_bundle_run_as_pods() {
         "--timeout=120s",
     ]);
     let selector = format!("app.kubernetes.io/instance={release}");
-    let left = k.ok(&[
-        "get",
-        "all,roles,rolebindings,clusterroles,clusterrolebindings,networkpolicies,poddisruptionbudgets,serviceaccounts",
-        "-A",
-        "-l",
-        &selector,
-        "-o",
-        "name",
-    ]);
-    assert!(
-        left.trim().is_empty(),
-        "left behind by the uninstall: {left}"
+    // Pods end after their grace period (delay + grace + margin).
+    eventually(
+        Duration::from_secs(120),
+        "nothing of the release left",
+        || {
+            let left = k.ok(&[
+            "get",
+            "all,roles,rolebindings,clusterroles,clusterrolebindings,networkpolicies,poddisruptionbudgets,serviceaccounts",
+            "-A",
+            "-l",
+            &selector,
+            "-o",
+            "name",
+        ]);
+            left.trim().is_empty().then_some(())
+        },
     );
 }

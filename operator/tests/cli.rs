@@ -129,6 +129,8 @@ async fn offline_render_runs_a_real_tunnel_and_keeps_clusters_apart() {
     // tether-server straight from the rendered server side, mTLS on.
     let server = RunningServer::start(ServerArgs::parse_from([
         "tether-server",
+        "--shutdown-delay",
+        "0s",
         "--addr",
         &format!("127.0.0.1:{public}"),
         "--internal-addr",

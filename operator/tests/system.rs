@@ -98,6 +98,8 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
     let server = RunningServer::start_with_client(
         ServerArgs::parse_from([
             "tether-server",
+            "--shutdown-delay",
+            "0s",
             "--addr",
             "127.0.0.1:0",
             "--internal-addr",

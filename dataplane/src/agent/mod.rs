@@ -38,8 +38,10 @@ const HEALTHY_SESSION: Duration = Duration::from_secs(10);
 const FAST_RETRY_WINDOW: Duration = Duration::from_secs(30);
 const FAST_RETRY_MAX: Duration = Duration::from_millis(500);
 /// Dials that reach a replica the agent already holds are retried quickly
-/// this many times before backing off.
-const QUICK_REDIALS: u32 = 8;
+/// this many times per live replica before backing off: through a balancer
+/// that spreads connections evenly, the chance of still missing the one
+/// replica not held after that is under 1% (two of three held: (2/3)^12).
+const QUICK_REDIALS_PER_REPLICA: u32 = 4;
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -446,10 +448,11 @@ async fn run(
                         // A balancer spreading connections gets there in a
                         // few tries; one that pins this agent gets the full
                         // backoff after that, so a fleet does not spin.
-                        let wait = if already_held <= QUICK_REDIALS {
+                        let quick = QUICK_REDIALS_PER_REPLICA * wanted.len().max(1) as u32;
+                        let wait = if already_held <= quick {
                             backoff(0, FAST_RETRY_MAX)
                         } else {
-                            backoff(already_held - QUICK_REDIALS, args.max_retry)
+                            backoff(already_held - quick, args.max_retry)
                         };
                         next_dial = tokio::time::Instant::now() + wait;
                     }

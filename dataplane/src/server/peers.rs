@@ -486,6 +486,16 @@ pub(crate) async fn discover_endpoint_slices(
         }
         let mut targets = Vec::new();
         for slice in reader.state() {
+            // The Service's `internal` port; replicas of one Deployment
+            // share it, so this replica's own is the fallback.
+            let port = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some("internal"))
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok())
+                .unwrap_or(port);
             for endpoint in &slice.endpoints {
                 let conditions = endpoint.conditions.as_ref();
                 // A terminating pod still serves the tunnels it holds.

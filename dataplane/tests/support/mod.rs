@@ -184,6 +184,9 @@ impl Env {
             "1s".into(),
             "--shutdown-grace".into(),
             "2s".into(),
+            // No load balancer to wait for here (tests of the delay set it).
+            "--shutdown-delay".into(),
+            "0s".into(),
         ];
         if self.security != Security::Plain {
             args.extend([
