@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use sha2::{Digest, Sha256};
-use support::procs::{Proc, agent_flags, free_port, free_ports, signal, wait_agents};
+use support::procs::{Proc, agent_flags, free_port, free_ports, log_file, signal, wait_agents};
 use support::{Pki, TestClient, WAIT, cluster_json};
 use tether::fake_apiserver::FakeApiServer;
 use tether::tls::ServerTlsFiles;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 
 const DEV_TOKEN: &str = "dev-agent-token-5e1f";
@@ -124,11 +123,7 @@ impl Cluster {
             .filter(|(j, _)| *j != i)
             .map(|(_, p)| format!("https://127.0.0.1:{}", p.internal))
             .collect();
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.pki.path(&format!("server-{i}.log")))
-            .expect("log");
+        let log = log_file(&self.pki.path(&format!("server-{i}.log")));
         let child = Command::new(env!("CARGO_BIN_EXE_tether-server"))
             .args(["--addr", &format!("127.0.0.1:{}", ports.public)])
             .args(["--internal-addr", &format!("127.0.0.1:{}", ports.internal)])
@@ -152,6 +147,17 @@ impl Cluster {
             .spawn()
             .expect("tether-server starts");
         self.servers[i] = Some(Proc(child));
+    }
+
+    /// The cluster with agent "dev" dialing through the load balancer,
+    /// once it holds a session with every replica.
+    async fn with_agent() -> (Self, Proc) {
+        let cluster = Self::start().await;
+        let agent = cluster.agent("dev", DEV_TOKEN, cluster.lb_public);
+        for i in 0..REPLICAS {
+            cluster.wait_sessions(i, 1).await;
+        }
+        (cluster, agent)
     }
 
     /// SIGTERM, and waits for a clean exit.
@@ -182,11 +188,7 @@ impl Cluster {
             self.pki.path(&format!("agent-{cluster}.crt")),
             self.pki.path(&format!("agent-{cluster}.key")),
         );
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.pki.path(&format!("agent-{cluster}.log")))
-            .expect("log");
+        let log = log_file(&self.pki.path(&format!("agent-{cluster}.log")));
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether-agent"));
         agent_flags(
             &mut command,
@@ -434,26 +436,7 @@ async fn every_replica_serves_every_cluster() {
             ),
         )
         .expect("kubeconfig");
-        let mut exec = tokio::process::Command::new("kubectl")
-            .args(["exec", "-i", "web", "--", "cat"])
-            .env("KUBECONFIG", &kubeconfig)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("kubectl runs");
-        let mut stdin = exec.stdin.take().expect("stdin");
-        stdin.write_all(b"forwarded exec\n").await.expect("stdin");
-        drop(stdin);
-        let out = tokio::time::timeout(WAIT, exec.wait_with_output())
-            .await
-            .expect("exec ends")
-            .expect("output");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let out = support::kubectl_exec_cat(&[], &kubeconfig, "web", b"forwarded exec\n").await;
         assert_eq!(String::from_utf8_lossy(&out.stdout), "forwarded exec\n");
     }
 
@@ -515,11 +498,7 @@ async fn a_rolling_restart_fails_no_request() {
     if !haproxy_available() {
         return;
     }
-    let mut cluster = Cluster::start().await;
-    let _dev = cluster.agent("dev", DEV_TOKEN, cluster.lb_public);
-    for i in 0..REPLICAS {
-        cluster.wait_sessions(i, 1).await;
-    }
+    let (mut cluster, _dev) = Cluster::with_agent().await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = steady_load(&cluster, 8, stop.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -562,11 +541,7 @@ async fn a_killed_replica_comes_back_to_its_sessions() {
     if !haproxy_available() {
         return;
     }
-    let mut cluster = Cluster::start().await;
-    let _dev = cluster.agent("dev", DEV_TOKEN, cluster.lb_public);
-    for i in 0..REPLICAS {
-        cluster.wait_sessions(i, 1).await;
-    }
+    let (mut cluster, _dev) = Cluster::with_agent().await;
     cluster.kill_server(1);
     let client = cluster.argocd();
     for i in [0, 2] {

@@ -728,30 +728,13 @@ async fn kubectl_exec_and_follow_logs_through_the_tunnel() {
     let env = Env::start(Security::Plain).await;
     let _agent = env.connected_agent().await;
     let server = format!("http://127.0.0.1:{}/tunnel/dev", env.internal_addr.port());
-    let mut exec = tokio::process::Command::new("kubectl")
-        .args(["--server", &server, "exec", "-i", "web", "--", "cat"])
-        .env("KUBECONFIG", "/dev/null")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("kubectl runs");
-    let mut stdin = exec.stdin.take().expect("stdin");
-    stdin
-        .write_all(b"hello through the tunnel\n")
-        .await
-        .expect("stdin");
-    drop(stdin);
-    let out = tokio::time::timeout(WAIT, exec.wait_with_output())
-        .await
-        .expect("exec ends")
-        .expect("output");
-    assert!(
-        out.status.success(),
-        "kubectl exec failed: {} {}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = support::kubectl_exec_cat(
+        &["--server", &server],
+        std::path::Path::new("/dev/null"),
+        "web",
+        b"hello through the tunnel\n",
+    )
+    .await;
     assert_eq!(
         String::from_utf8_lossy(&out.stdout),
         "hello through the tunnel\n"

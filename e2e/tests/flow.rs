@@ -29,15 +29,7 @@ fn proxied_cluster(
 
 fn secret_file(k: &Kubectl, namespace: &str, name: &str, key: &str, path: &Path) {
     let escaped = key.replace('.', "\\.");
-    let data = k.ok(&[
-        "get",
-        "secret",
-        name,
-        "-n",
-        namespace,
-        "-o",
-        &format!("jsonpath={{.data.{escaped}}}"),
-    ]);
+    let data = k.field("secret", name, namespace, &format!("{{.data.{escaped}}}"));
     use base64::Engine;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
@@ -168,18 +160,8 @@ fn a_proxied_cluster_end_to_end() {
     let release = format!("tether-{run}");
     let values = serde_json::json!({"argocd": {"namespace": argocd}, "publicUrl": format!("wss://localhost:{public}")});
     let chart = support::render_chart(&release, &system, &values);
-    let dry = k.apply_stdin(&chart, &["--dry-run=server"]);
-    assert!(
-        dry.status.success(),
-        "chart dry run: {}",
-        String::from_utf8_lossy(&dry.stderr)
-    );
-    let applied = k.apply_stdin(&chart, &[]);
-    assert!(
-        applied.status.success(),
-        "chart apply: {}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    k.apply_ok(&chart, &["--dry-run=server"]);
+    k.apply_ok(&chart, &[]);
     let operator_kubeconfig =
         support::service_account_kubeconfig(&k, &system, "tether-operator", d);
     let server_kubeconfig = support::service_account_kubeconfig(&k, &system, "tether-server", d);
@@ -212,12 +194,7 @@ fn a_proxied_cluster_end_to_end() {
         .trim_end_matches('/')
         .to_owned();
     let pc = proxied_cluster(&id, &tenants, &target, public, &agent_ns);
-    let applied = k.apply_stdin(&pc, &[]);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    k.apply_ok(&pc, &[]);
     eventually(Duration::from_secs(60), "ProxiedCluster Ready", || {
         let pc = k.json(&["get", "proxiedcluster", &id, "-n", &tenants]);
         let ready = pc["status"]["conditions"]
@@ -292,24 +269,7 @@ fn a_proxied_cluster_end_to_end() {
 
     // The bundle leaves as one file and applies cleanly.
     let bundle = d.join("agent.yaml");
-    let export = Command::new(support::binary("kubectl-tether"))
-        .args([
-            "bundle",
-            "export",
-            &id,
-            "-n",
-            &tenants,
-            "-o",
-            &bundle.display().to_string(),
-        ])
-        .env("KUBECONFIG", &kubeconfig)
-        .output()
-        .expect("kubectl-tether runs");
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
-    );
+    support::export_bundle(&kubeconfig, &id, &tenants, &bundle);
     // A server-side dry run creates nothing, so the bundle's namespace must
     // exist for its namespaced objects to be checked.
     k.ok(&["create", "namespace", &agent_ns]);
@@ -393,15 +353,12 @@ fn a_proxied_cluster_end_to_end() {
     // Each replica reports only its own session: the agent dials replica 0
     // alone, so one of the two live replicas holds it.
     eventually(Duration::from_secs(30), "REPLICAS 1/2", || {
-        let replicas = k.ok(&[
-            "get",
+        let replicas = k.field(
             "proxiedcluster",
             &id,
-            "-n",
             &tenants,
-            "-o",
-            "jsonpath={.status.connection.replicas}",
-        ]);
+            "{.status.connection.replicas}",
+        );
         (replicas == "1/2").then_some(())
     });
     let status = Command::new(support::binary("kubectl-tether"))
@@ -454,12 +411,7 @@ fn a_proxied_cluster_end_to_end() {
     let manifests = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: {work}\ndata:\n  color: blue\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\n  namespace: {work}\nspec:\n  replicas: 1\n  selector:\n    matchLabels: {{app: web}}\n  template:\n    metadata:\n      labels: {{app: web}}\n    spec:\n      containers:\n      - name: web\n        image: registry.example/web:1\n"
     );
-    let applied = through.apply_stdin(&manifests, &[]);
-    assert!(
-        applied.status.success(),
-        "apply through the tunnel: {}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    through.apply_ok(&manifests, &[]);
 
     // A watch through the tunnel sees a change.
     let mut watch = Command::new("kubectl")

@@ -28,19 +28,6 @@ const ENV: &str = "TETHER_E2E_POD_KUBECONFIG";
 const IMAGE: &str = "ghcr.io/tether-dev/tether:0.1.0";
 const PODS_READY: Duration = Duration::from_secs(180);
 
-fn cluster() -> Option<PathBuf> {
-    match std::env::var_os(ENV) {
-        Some(path) => Some(PathBuf::from(path)),
-        None => {
-            eprintln!(
-                "SKIP: set {ENV} to the kubeconfig of a cluster whose node runs pods, with tether's \
-                 image imported (make image image-import), to run the pods e2e (see README)"
-            );
-            None
-        }
-    }
-}
-
 /// Removes what the run created, also when it fails half-way.
 struct Cleanup {
     kubectl: Kubectl,
@@ -307,7 +294,11 @@ fn follow_lines(child: &mut Child) -> mpsc::Receiver<String> {
 
 #[test]
 fn chart_and_bundle_run_as_pods() {
-    let Some(kubeconfig) = cluster() else {
+    let Some(kubeconfig) = support::cluster_from(
+        ENV,
+        "the kubeconfig of a cluster whose node runs pods, with tether's image imported \
+         (make image image-import), to run the pods e2e (see README)",
+    ) else {
         return;
     };
     let k = Kubectl {
@@ -375,12 +366,7 @@ fn chart_and_bundle_run_as_pods() {
     let pc = format!(
         "apiVersion: tether.dev/v1alpha1\nkind: ProxiedCluster\nmetadata:\n  name: {id}\n  namespace: {tenants}\nspec:\n  agent:\n    namespace: {agent_ns}\n"
     );
-    let applied = k.apply_stdin(&pc, &[]);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    k.apply_ok(&pc, &[]);
     eventually(Duration::from_secs(60), "bundle rendered", || {
         let pc = k.json(&["get", "proxiedcluster", &id, "-n", &tenants]);
         pc["status"]["conditions"]
@@ -389,17 +375,7 @@ fn chart_and_bundle_run_as_pods() {
             .any(|c| c["type"] == "BundleReady" && c["status"] == "True")
             .then_some(())
     });
-    let export = Command::new(support::binary("kubectl-tether"))
-        .args(["bundle", "export", &id, "-n", &tenants, "-o"])
-        .arg(&bundle_file)
-        .env("KUBECONFIG", &kubeconfig)
-        .output()
-        .expect("kubectl-tether runs");
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
-    );
+    support::export_bundle(&kubeconfig, &id, &tenants, &bundle_file);
     let bundle = std::fs::read_to_string(&bundle_file).expect("bundle");
     let declared = bundle
         .lines()
@@ -430,15 +406,12 @@ fn chart_and_bundle_run_as_pods() {
     // The agent holds a session with each of the three replicas.
     let started = Instant::now();
     eventually(Duration::from_secs(60), "REPLICAS 3/3", || {
-        let replicas = k.ok(&[
-            "get",
+        let replicas = k.field(
             "proxiedcluster",
             &id,
-            "-n",
             &tenants,
-            "-o",
-            "jsonpath={.status.connection.replicas}",
-        ]);
+            "{.status.connection.replicas}",
+        );
         (replicas == "3/3").then_some(())
     });
     println!(
@@ -464,12 +437,7 @@ fn chart_and_bundle_run_as_pods() {
     let watch_pod = format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: argocd-view\n  namespace: {argocd}\nspec:\n  automountServiceAccountToken: false\n  securityContext: {{runAsNonRoot: true, runAsUser: 65532, fsGroup: 65532}}\n  containers:\n  - name: kubectl\n    image: {kubectl_image}\n    imagePullPolicy: Never\n    command: [/bin/kubectl, --kubeconfig=/argocd/config, get, configmap, -n, {tenants}, --watch, --output-watch-events, -o, 'jsonpath={{.type}} {{.object.metadata.name}} {{.object.data.color}}{{\"\\n\"}}']\n    securityContext: {{readOnlyRootFilesystem: true, allowPrivilegeEscalation: false, capabilities: {{drop: [ALL]}}}}\n    volumeMounts: [{{name: argocd, mountPath: /argocd, readOnly: true}}]\n  volumes: [{{name: argocd, secret: {{secretName: argocd-view, defaultMode: 0440}}}}]\n"
     );
-    let applied = k.apply_stdin(&watch_pod, &[]);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    k.apply_ok(&watch_pod, &[]);
     wait_ready(&k, &argocd, "!app.kubernetes.io/name", 1);
     let view = |args: &[&str]| {
         let mut all = vec![
@@ -575,15 +543,12 @@ fn chart_and_bundle_run_as_pods() {
 
     // From the node: the internal Service by ClusterIP, TLS checked against
     // its name, with the same ArgoCD credentials.
-    let ip = k.ok(&[
-        "get",
+    let ip = k.field(
         "service",
         "tether-server-internal",
-        "-n",
         &system,
-        "-o",
-        "jsonpath={.spec.clusterIP}",
-    ]);
+        "{.spec.clusterIP}",
+    );
     let node_kubeconfig = d.join("argocd-node.kubeconfig");
     std::fs::write(
         &node_kubeconfig,

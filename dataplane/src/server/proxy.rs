@@ -83,34 +83,24 @@ pub(super) async fn proxy(
                 let local = state.tunnels.get(&cluster.id);
                 let usable = local
                     .as_ref()
-                    .filter(|t| !t.session.is_draining() && !t.session.is_closed());
-                let peer = match (usable, forwarded) {
-                    (None, false) => {
-                        state
-                            .peers
-                            .find_holder(&cluster.id, state.draining.is_cancelled())
-                            .await
-                    }
-                    _ => None,
-                };
-                match (usable, peer, &local) {
-                    (Some(tunnel), _, _) => {
-                        send(
-                            &state,
-                            &cluster.target_addr,
-                            &tunnel.session,
-                            request,
-                            &label,
-                        )
+                    .is_some_and(|t| !t.session.is_draining() && !t.session.is_closed());
+                let peer = if usable || forwarded {
+                    None
+                } else {
+                    state
+                        .peers
+                        .find_holder(&cluster.id, state.draining.is_cancelled())
                         .await
-                    }
-                    (None, Some(peer), _) => {
+                };
+                // A live local session first; else the peer holding one;
+                // else a draining local session, which still refuses with
+                // a clear error.
+                match (peer, local) {
+                    (Some(peer), _) => {
                         let forward_path = format!("/tunnel/{}{path_and_query}", cluster.id);
                         forward_to_peer(&state, &peer, &forward_path, request, &label).await
                     }
-                    // Draining and no peer holds the cluster: the draining
-                    // session still refuses with a clear error.
-                    (None, None, Some(tunnel)) => {
+                    (None, Some(tunnel)) => {
                         send(
                             &state,
                             &cluster.target_addr,
@@ -120,7 +110,7 @@ pub(super) async fn proxy(
                         )
                         .await
                     }
-                    (None, None, None) => {
+                    (None, None) => {
                         kube_status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", UNAVAILABLE)
                     }
                 }

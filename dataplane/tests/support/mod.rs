@@ -449,6 +449,40 @@ pub fn kubectl_available() -> bool {
     found
 }
 
+/// `kubectl exec -i <pod> -- cat` with `args` (a `--server`, or a
+/// kubeconfig through `KUBECONFIG`), stdin `input`: the echoed output.
+pub async fn kubectl_exec_cat(
+    args: &[&str],
+    kubeconfig: &Path,
+    pod: &str,
+    input: &[u8],
+) -> std::process::Output {
+    use tokio::io::AsyncWriteExt;
+    let mut exec = tokio::process::Command::new("kubectl")
+        .args(args)
+        .args(["exec", "-i", pod, "--", "cat"])
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("kubectl runs");
+    let mut stdin = exec.stdin.take().expect("stdin");
+    stdin.write_all(input).await.expect("stdin");
+    drop(stdin);
+    let out = tokio::time::timeout(WAIT, exec.wait_with_output())
+        .await
+        .expect("exec ends")
+        .expect("output");
+    assert!(
+        out.status.success(),
+        "kubectl exec failed: {} {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 /// Reads an HTTP/1.1 response head (through the blank line) from a raw
 /// connection, leaving whatever follows (an upgraded stream) unread.
 pub async fn read_head(io: &mut (impl tokio::io::AsyncRead + Unpin)) -> String {

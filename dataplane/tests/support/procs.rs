@@ -44,6 +44,15 @@ impl Drop for Proc {
     }
 }
 
+/// A log file a child process appends its stderr to.
+pub fn log_file(path: &std::path::Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .expect("log")
+}
+
 pub fn signal(child: &Child, name: &str) {
     let status = Command::new("kill")
         .arg(format!("-{name}"))
@@ -111,11 +120,7 @@ impl World {
     }
 
     pub fn server(&self, extra: &[&str]) -> Proc {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log("server"))
-            .expect("log");
+        let log = log_file(&self.log("server"));
         Proc(
             Command::new(env!("CARGO_BIN_EXE_tether-server"))
                 .args(["--addr", &format!("127.0.0.1:{}", self.public)])
@@ -138,11 +143,7 @@ impl World {
     }
 
     pub fn agent(&self, token: &str) -> Proc {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log("agent"))
-            .expect("log");
+        let log = log_file(&self.log("agent"));
         let token_file = self.pki.path(&format!("token-{token}"));
         std::fs::write(&token_file, token).expect("token");
         let mut command = Command::new(env!("CARGO_BIN_EXE_tether-agent"));

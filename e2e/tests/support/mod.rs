@@ -11,12 +11,19 @@ pub const ENV: &str = "TETHER_E2E_KUBECONFIG";
 /// The kubeconfig of the cluster under test, or `None` (and a SKIP line)
 /// when the variable is unset.
 pub fn cluster() -> Option<PathBuf> {
-    match std::env::var_os(ENV) {
+    cluster_from(
+        ENV,
+        "a kubeconfig of a real cluster to run the e2e suite (see README)",
+    )
+}
+
+/// The kubeconfig named by `variable`, or `None` with a SKIP line saying
+/// what to set it to.
+pub fn cluster_from(variable: &str, what: &str) -> Option<PathBuf> {
+    match std::env::var_os(variable) {
         Some(path) => Some(PathBuf::from(path)),
         None => {
-            eprintln!(
-                "SKIP: set {ENV} to a kubeconfig of a real cluster to run the e2e suite (see README)"
-            );
+            eprintln!("SKIP: set {variable} to {what}");
             None
         }
     }
@@ -83,6 +90,30 @@ impl Kubectl {
             .write_all(yaml.as_bytes())
             .expect("write");
         child.wait_with_output().expect("kubectl ends")
+    }
+
+    /// One field of a namespaced object, by JSONPath.
+    pub fn field(&self, kind: &str, name: &str, namespace: &str, path: &str) -> String {
+        self.ok(&[
+            "get",
+            kind,
+            name,
+            "-n",
+            namespace,
+            "-o",
+            &format!("jsonpath={path}"),
+        ])
+    }
+
+    /// `kubectl apply -f -` that must succeed.
+    pub fn apply_ok(&self, yaml: &str, extra: &[&str]) {
+        let applied = self.apply_stdin(yaml, extra);
+        assert!(
+            applied.status.success(),
+            "kubectl apply {}: {}",
+            extra.join(" "),
+            String::from_utf8_lossy(&applied.stderr)
+        );
     }
 
     pub fn json(&self, args: &[&str]) -> serde_json::Value {
@@ -243,4 +274,20 @@ pub fn render_chart(release: &str, namespace: &str, values: &serde_json::Value) 
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// `kubectl tether bundle export` of a ProxiedCluster into `out`, as the
+/// platform team hands it over.
+pub fn export_bundle(kubeconfig: &Path, name: &str, namespace: &str, out: &Path) {
+    let export = Command::new(binary("kubectl-tether"))
+        .args(["bundle", "export", name, "-n", namespace, "-o"])
+        .arg(out)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("kubectl-tether runs");
+    assert!(
+        export.status.success(),
+        "bundle export: {}",
+        String::from_utf8_lossy(&export.stderr)
+    );
 }
