@@ -594,6 +594,11 @@ fn chart_and_bundle_run_as_pods() {
         .map(|thread| thread.join().expect("load thread"))
         .fold((0, 0), |(s, f), (s2, f2)| (s + s2, f + f2));
     println!("MEASURE: rolling restart of tether-server: {failed} of {sent} requests failed");
+    assert!(sent > 20, "the load ran ({sent} requests)");
+    assert_eq!(
+        failed, 0,
+        "every replica serves every cluster: a rolling restart fails nothing"
+    );
     wait_ready(&k, &system, "app.kubernetes.io/name=tether-server", 3);
 
     // Pods deleted: the cluster is served again within seconds.
