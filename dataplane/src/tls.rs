@@ -90,7 +90,8 @@ impl ServerTlsFiles {
             .chain(self.client_ca.as_ref())
     }
 
-    fn modified(&self) -> Vec<Option<SystemTime>> {
+    /// When each file last changed: a change means a reload.
+    pub(crate) fn modified(&self) -> Vec<Option<SystemTime>> {
         self.paths()
             .map(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
             .collect()

@@ -303,19 +303,21 @@ impl RunningServer {
             // name comes from the certificate, which may have none.
             _ if !has_peers => None,
             (Some(cert), Some(key)) => Some(peers::PeerTls {
-                cert: cert.clone(),
-                key: key.clone(),
-                ca: args.tls_client_ca.clone(),
+                files: ServerTlsFiles {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: args.tls_client_ca.clone(),
+                },
                 name: args.peer_tls_name.clone(),
             }),
             _ => None,
         };
+        let peer_scheme = if peer_tls.is_some() { "https" } else { "http" };
         let peer_set = Arc::new(peers::Peers::new(
             args.replica_name.clone(),
             args.peer_sync_interval,
-            peers::peer_client(peer_tls.as_ref())?,
-        ));
-        let peer_scheme = if peer_tls.is_some() { "https" } else { "http" };
+            peer_tls,
+        )?);
         if let Some(urls) = &args.peers {
             peer_set.set_targets(
                 urls.0

@@ -123,12 +123,11 @@ pub fn parse_peer_urls(value: &str) -> Result<PeerUrls, String> {
 /// the internal port has TLS.
 pub(crate) type PeerClient = Client<HttpsConnector<HttpConnector>, Body>;
 
-/// TLS material for talking to peers.
+/// TLS material for talking to peers: this replica's own certificate and
+/// key (presented as its client certificate), the CA peers' certificates
+/// chain to, and the DNS name every replica's certificate carries.
 pub(crate) struct PeerTls {
-    pub cert: std::path::PathBuf,
-    pub key: std::path::PathBuf,
-    pub ca: Option<std::path::PathBuf>,
-    /// The DNS name every replica's certificate carries.
+    pub files: crate::tls::ServerTlsFiles,
     pub name: Option<String>,
 }
 
@@ -139,8 +138,8 @@ pub(crate) fn peer_client(tls: Option<&PeerTls>) -> Result<PeerClient, PeerError
     http.set_connect_timeout(Some(Duration::from_secs(3)));
     let connector = match tls {
         Some(tls) => {
-            let certs = tls::load_certs(&tls.cert)?;
-            let key = tls::load_key(&tls.key)?;
+            let certs = tls::load_certs(&tls.files.cert)?;
+            let key = tls::load_key(&tls.files.key)?;
             let name = match &tls.name {
                 Some(name) => name.clone(),
                 None => certs
@@ -151,7 +150,7 @@ pub(crate) fn peer_client(tls: Option<&PeerTls>) -> Result<PeerClient, PeerError
             };
             let server_name =
                 ServerName::try_from(name.clone()).map_err(|_| PeerError::BadUrl(name))?;
-            let roots = match &tls.ca {
+            let roots = match &tls.files.client_ca {
                 Some(ca) => tls::load_roots(ca)?,
                 None => web_roots(),
             };
@@ -184,7 +183,11 @@ fn web_roots() -> rustls::RootCertStore {
 pub(crate) struct Peers {
     me: String,
     interval: Duration,
-    client: PeerClient,
+    /// Rebuilt when the certificate files change (renewals), like the
+    /// server's own TLS configuration.
+    client: RwLock<PeerClient>,
+    tls: Option<PeerTls>,
+    tls_stamp: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
     targets: RwLock<Vec<PeerTarget>>,
     views: RwLock<HashMap<String, PeerView>>,
     live: watch::Sender<Vec<String>>,
@@ -196,17 +199,49 @@ pub(crate) struct Peers {
 }
 
 impl Peers {
-    pub fn new(me: String, interval: Duration, client: PeerClient) -> Self {
+    pub fn new(me: String, interval: Duration, tls: Option<PeerTls>) -> Result<Self, PeerError> {
         let (live, _) = watch::channel(vec![me.clone()]);
-        Self {
+        let client = peer_client(tls.as_ref())?;
+        let tls_stamp = tls.as_ref().map(|t| t.files.modified()).unwrap_or_default();
+        Ok(Self {
             me,
             interval,
-            client,
+            client: RwLock::new(client),
+            tls,
+            tls_stamp: std::sync::Mutex::new(tls_stamp),
             targets: RwLock::new(Vec::new()),
             views: RwLock::new(HashMap::new()),
             live,
             synced: std::sync::atomic::AtomicBool::new(false),
             last_round: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    fn client(&self) -> PeerClient {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rebuilds the peer client when the certificate files changed; a
+    /// broken update is logged and the last good client stays.
+    fn reload_tls(&self) {
+        let Some(tls) = &self.tls else { return };
+        let now = tls.files.modified();
+        {
+            let mut stamp = self.tls_stamp.lock().unwrap_or_else(|p| p.into_inner());
+            if *stamp == now {
+                return;
+            }
+            *stamp = now;
+        }
+        match peer_client(Some(tls)) {
+            Ok(client) => {
+                info!("peer TLS certificates reloaded");
+                *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
+            }
+            Err(err) => warn!(error = %err, "peer TLS reload failed; keeping the previous certificates"),
         }
     }
 
@@ -310,7 +345,7 @@ impl Peers {
             .map_err(|err| err.to_string())?;
         let response = tokio::time::timeout(self.interval.max(Duration::from_secs(1)) * 2, async {
             let response = self
-                .client
+                .client()
                 .request(request)
                 .await
                 .map_err(|err| error_chain(&err))?;
@@ -336,6 +371,7 @@ impl Peers {
     }
 
     async fn round(&self, last: &mut Option<Instant>, me_draining: bool) {
+        self.reload_tls();
         let targets = self.targets();
         let results = futures_util::future::join_all(
             targets
@@ -427,7 +463,7 @@ impl Peers {
             http::HeaderValue::from_str(&self.me).map_err(|_| "bad replica name".to_owned())?,
         );
         *request.version_mut() = http::Version::HTTP_11;
-        self.client
+        self.client()
             .request(request)
             .await
             .map_err(|err| error_chain(&err))
@@ -558,11 +594,7 @@ mod tests {
     #[tokio::test]
     async fn holders_prefer_replicas_that_are_not_draining() {
         crate::install_crypto_provider();
-        let peers = Peers::new(
-            "a".into(),
-            Duration::from_secs(1),
-            peer_client(None).expect("client"),
-        );
+        let peers = Peers::new("a".into(), Duration::from_secs(1), None).expect("peers");
         view(&peers, "http://b", "b", &["dev"], true);
         assert_eq!(peers.holder_of("dev").as_deref(), Some("http://b"));
         view(&peers, "http://c", "c", &["dev", "prod"], false);
