@@ -129,14 +129,24 @@ async fn watch(client: &Client, url: &str) -> Result<()> {
     Ok(())
 }
 
+/// Waits until the agent holds its session (the server's metrics): the
+/// server is ready before any agent connects.
 async fn wait_ready(client: &Client, base: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let ready = client
-            .send(Method::GET, &format!("{base}/readyz"), &[], Bytes::new())
+        let connected = match client
+            .send(Method::GET, &format!("{base}/metrics"), &[], Bytes::new())
             .await
-            .is_ok_and(|r| r.status().is_success());
-        if ready {
+        {
+            Ok(response) => {
+                let text = response.into_body().collect().await?.to_bytes();
+                String::from_utf8_lossy(&text)
+                    .lines()
+                    .any(|l| l == "agents_connected 1")
+            }
+            Err(_) => false,
+        };
+        if connected {
             return Ok(());
         }
         anyhow::ensure!(Instant::now() < deadline, "the agent did not connect");
@@ -144,7 +154,6 @@ async fn wait_ready(client: &Client, base: &str) -> Result<()> {
     }
 }
 
-/// Streams open on the server's tunnels, from its /metrics.
 async fn open_streams(client: &Client, base: &str) -> Result<usize> {
     let response = client
         .send(Method::GET, &format!("{base}/metrics"), &[], Bytes::new())
