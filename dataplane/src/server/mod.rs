@@ -317,6 +317,7 @@ impl RunningServer {
             args.replica_name.clone(),
             args.peer_sync_interval,
             peer_tls,
+            args.peer_service.is_none(),
         )?);
         if let Some(urls) = &args.peers {
             peer_set.set_targets(

@@ -191,15 +191,25 @@ pub(crate) struct Peers {
     targets: RwLock<Vec<PeerTarget>>,
     views: RwLock<HashMap<String, PeerView>>,
     live: watch::Sender<Vec<String>>,
-    /// Set after the first round of asking the peers: until then this
-    /// replica cannot forward, so it is not ready.
+    /// Set after the first round of asking the peers that discovery had
+    /// found: until then this replica cannot forward, so it is not ready.
     synced: std::sync::atomic::AtomicBool,
+    /// Whether discovery has delivered the peer set at least once (static
+    /// peers, or none, are known from the start).
+    discovered: std::sync::atomic::AtomicBool,
     /// One round at a time; when the last one finished.
     last_round: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl Peers {
-    pub fn new(me: String, interval: Duration, tls: Option<PeerTls>) -> Result<Self, PeerError> {
+    /// `discovered`: the peer set is known now (static or none); otherwise
+    /// it arrives through [`Peers::set_targets`] from discovery.
+    pub fn new(
+        me: String,
+        interval: Duration,
+        tls: Option<PeerTls>,
+        discovered: bool,
+    ) -> Result<Self, PeerError> {
         let (live, _) = watch::channel(vec![me.clone()]);
         let client = peer_client(tls.as_ref())?;
         let tls_stamp = tls.as_ref().map(|t| t.files.modified()).unwrap_or_default();
@@ -213,6 +223,7 @@ impl Peers {
             views: RwLock::new(HashMap::new()),
             live,
             synced: std::sync::atomic::AtomicBool::new(false),
+            discovered: std::sync::atomic::AtomicBool::new(discovered),
             last_round: tokio::sync::Mutex::new(None),
         })
     }
@@ -241,7 +252,9 @@ impl Peers {
                 info!("peer TLS certificates reloaded");
                 *self.client.write().unwrap_or_else(|p| p.into_inner()) = client;
             }
-            Err(err) => warn!(error = %err, "peer TLS reload failed; keeping the previous certificates"),
+            Err(err) => {
+                warn!(error = %err, "peer TLS reload failed; keeping the previous certificates")
+            }
         }
     }
 
@@ -258,6 +271,8 @@ impl Peers {
     pub fn set_targets(&self, mut targets: Vec<PeerTarget>) {
         targets.sort();
         targets.dedup();
+        self.discovered
+            .store(true, std::sync::atomic::Ordering::Release);
         let mut current = self.targets.write().unwrap_or_else(|p| p.into_inner());
         if *current != targets {
             info!(peers = ?targets.iter().map(|t| t.url.as_str()).collect::<Vec<_>>(), "peers discovered");
@@ -418,8 +433,10 @@ impl Peers {
             }
         }
         *last = Some(Instant::now());
-        self.synced
-            .store(true, std::sync::atomic::Ordering::Release);
+        if self.discovered.load(std::sync::atomic::Ordering::Acquire) {
+            self.synced
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         let live = self.live_replicas(me_draining);
         self.live.send_if_modified(|current| {
             if *current == live {
@@ -504,15 +521,16 @@ pub(crate) async fn discover_endpoint_slices(
     let config =
         watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
     let (reader, writer) = reflector::store();
-    let mut events = reflector(writer, watcher(api, config).default_backoff())
-        .touched_objects()
-        .boxed();
+    let mut events = reflector(writer, watcher(api, config).default_backoff()).boxed();
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return,
             event = events.next() => event,
         };
         match event {
+            // The initial list counts once complete (InitDone), even when
+            // it holds no slice at all.
+            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => continue,
             Some(Ok(_)) => {}
             Some(Err(err)) => {
                 warn!(error = %err, %service, "watching the peer Service's EndpointSlices failed; keeping the last known peers");
@@ -563,6 +581,20 @@ pub(crate) async fn discover_endpoint_slices(
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn not_ready_until_discovery_has_answered() {
+        crate::install_crypto_provider();
+        let peers = Peers::new("a".into(), Duration::from_secs(1), None, false).expect("peers");
+        peers.sync(false).await;
+        assert!(!peers.synced(), "no peer set yet: cannot forward");
+        peers.set_targets(Vec::new());
+        peers.sync(false).await;
+        assert!(peers.synced(), "discovery answered (no peers): ready");
+        let standalone = Peers::new("a".into(), Duration::from_secs(1), None, true).expect("peers");
+        standalone.sync(false).await;
+        assert!(standalone.synced());
+    }
+
     #[test]
     fn peer_urls_parse_and_refuse_mistakes() {
         assert_eq!(
@@ -594,7 +626,7 @@ mod tests {
     #[tokio::test]
     async fn holders_prefer_replicas_that_are_not_draining() {
         crate::install_crypto_provider();
-        let peers = Peers::new("a".into(), Duration::from_secs(1), None).expect("peers");
+        let peers = Peers::new("a".into(), Duration::from_secs(1), None, true).expect("peers");
         view(&peers, "http://b", "b", &["dev"], true);
         assert_eq!(peers.holder_of("dev").as_deref(), Some("http://b"));
         view(&peers, "http://c", "c", &["dev", "prod"], false);
