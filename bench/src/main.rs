@@ -269,7 +269,7 @@ async fn forwarding_row(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         setup.sa_token.clone(),
     )
     .await?;
-    let internal = [rig::free_port()?, rig::free_port()?];
+    let internal: [u16; 2] = rig::free_ports()?;
     let mut replicas = Vec::new();
     for (i, port) in internal.iter().enumerate() {
         let mut args = setup.server_args(

@@ -102,10 +102,17 @@ fn sibling(name: &str) -> Result<PathBuf> {
 }
 
 /// A free loopback port, for a child process to listen on.
-pub fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// `n` distinct free ports, all held while chosen: ports picked one by
+/// one can repeat.
+pub fn free_ports<const N: usize>() -> Result<[u16; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut ports = [0; N];
+    for (port, listener) in ports.iter_mut().zip(&held) {
+        *port = listener.local_addr()?.port();
+    }
+    Ok(ports)
 }
 
 /// An HTTP/1.1 client with keep-alive, TLS when the URL says https.

@@ -13,7 +13,7 @@ use tether::mux::{Role, Session, SessionConfig};
 use tether::pki::{CertificateAuthority, LeafRequest};
 use tokio_rustls::TlsConnector;
 
-use crate::rig::{Process, free_port};
+use crate::rig::{Process, free_ports};
 
 pub struct Fleet {
     dir: tempfile::TempDir,
@@ -50,7 +50,7 @@ impl Fleet {
         let roots = tether::tls::load_roots(&dir.path().join("ca.crt"))?;
         let mut config = tether::tls::client_config(roots, None)?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let (port, internal_port) = (free_port()?, free_port()?);
+        let [port, internal_port] = free_ports()?;
         Ok(Self {
             dir,
             port,

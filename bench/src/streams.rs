@@ -14,7 +14,7 @@ use http::Method;
 use http_body_util::BodyExt;
 use tether::fake_apiserver::FakeApiServer;
 
-use crate::rig::{Client, Process, Setup, free_port};
+use crate::rig::{Client, Process, Setup, free_ports};
 
 /// Events each watch delivers. They are spaced 1 ms per stream (at least a
 /// second) apart, so every watch outlasts the time it takes to open all N
@@ -65,7 +65,7 @@ pub async fn open_at_once(count: usize) -> Result<Outcome> {
     let backend = Process::from_child(backend);
     let backend_addr: SocketAddr = line.trim().parse().context("backend address")?;
 
-    let (public, internal) = (free_port()?, free_port()?);
+    let [public, internal] = free_ports()?;
     let server = Process::tether(
         "tether-server",
         &setup.server_args(

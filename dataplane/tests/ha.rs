@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::{Method, StatusCode};
 use sha2::{Digest, Sha256};
-use support::procs::{Proc, agent_flags, free_port, free_ports, log_file, signal, wait_agents};
+use support::procs::{Proc, agent_flags, free_ports, log_file, signal, wait_agents};
 use support::{Pki, TestClient, WAIT, cluster_json};
 use tether::fake_apiserver::FakeApiServer;
 use tether::tls::ServerTlsFiles;
@@ -201,7 +201,7 @@ impl Cluster {
         .arg(cert)
         .arg("--client-key")
         .arg(key)
-        .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--health-addr", "127.0.0.1:0"])
         .args([
             "--keepalive-interval",
             "1s",

@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::procs::{AGENT_TOKEN, CALLER_TOKEN, SA_TOKEN, WRONG_TOKEN, World, free_port, signal};
+use support::procs::{AGENT_TOKEN, CALLER_TOKEN, SA_TOKEN, WRONG_TOKEN, World, signal};
 use support::{WAIT, cluster_json};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_agents_return_at_once() {
     let world = World::new().await;
-    let health = free_port();
+    let health = world.health;
     let server = world.server(&[
         "--shutdown-grace",
         "10s",

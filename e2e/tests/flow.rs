@@ -153,10 +153,9 @@ fn a_proxied_cluster_end_to_end() {
     // The management chart, as `helm install` would apply it (server-side
     // dry run first); the operator and the server then run with exactly the
     // chart's RBAC: tokens of its ServiceAccounts, not admin.
-    let (public, internal) = (free_port(), free_port());
-    // A second replica: it holds no session of the agent (which dials the
-    // first only) and serves ArgoCD by forwarding to its peer.
-    let (public_2, internal_2) = (free_port(), free_port());
+    let [public, internal, public_2, internal_2] = support::free_ports();
+    // public_2, internal_2: a second replica. It holds no session of the
+    // agent (which dials the first only) and serves ArgoCD by forwarding.
     let release = format!("tether-{run}");
     let values = serde_json::json!({"argocd": {"namespace": argocd}, "publicUrl": format!("wss://localhost:{public}")});
     let chart = support::render_chart(&release, &system, &values);

@@ -176,9 +176,17 @@ fn write(dir: &Path, name: &str, contents: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
-    Ok(listener.local_addr()?.port())
+/// Distinct free loopback ports, all held while chosen (ports picked one
+/// by one can repeat).
+fn free_ports<const N: usize>() -> Result<[SocketAddr; N]> {
+    let held = (0..N)
+        .map(|_| std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0)))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let mut addrs = [SocketAddr::from((Ipv4Addr::LOCALHOST, 0)); N];
+    for (addr, listener) in addrs.iter_mut().zip(&held) {
+        *addr = listener.local_addr()?;
+    }
+    Ok(addrs)
 }
 
 fn sibling_binary(name: &str) -> Result<PathBuf> {
@@ -292,8 +300,7 @@ async fn main() -> Result<()> {
         "clusters.json",
         &serde_json::json!([{"id": CLUSTER, "token": agent_token, "targetAddr": customer.target()}]).to_string(),
     )?;
-    let public = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
-    let internal = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
+    let [public, internal, health] = free_ports()?;
     let mut processes = Processes(Vec::new());
     processes.0.push(
         Command::new(sibling_binary("tether-server")?)
@@ -321,7 +328,6 @@ async fn main() -> Result<()> {
     step(
         "Customer side: tether-agent dials OUT to the server (it listens on nothing but its health port)",
     );
-    let health = SocketAddr::from((Ipv4Addr::LOCALHOST, free_port()?));
     let token_file = write(d, "agent-token", agent_token)?;
     processes.0.push(
         Command::new(sibling_binary("tether-agent")?)

@@ -61,10 +61,6 @@ pub fn signal(child: &Child, name: &str) {
     assert!(status.is_ok_and(|s| s.success()), "kill -{name}");
 }
 
-pub fn free_port() -> u16 {
-    free_ports(1)[0]
-}
-
 /// `n` distinct free ports: all held at once while chosen, so the kernel
 /// cannot hand the same one out twice.
 pub fn free_ports(n: usize) -> Vec<u16> {
@@ -82,6 +78,8 @@ pub struct World {
     pub clusters: PathBuf,
     pub public: u16,
     pub internal: u16,
+    /// Free for a probe port (`--health-addr`).
+    pub health: u16,
 }
 
 impl World {
@@ -106,12 +104,15 @@ impl World {
             cluster_json(&[("dev", AGENT_TOKEN, &backend.addr.to_string())]),
         )
         .expect("clusters");
+        // One batch: ports picked one by one can repeat.
+        let ports = free_ports(3);
         Self {
             pki,
             backend,
             clusters,
-            public: free_port(),
-            internal: free_port(),
+            public: ports[0],
+            internal: ports[1],
+            health: ports[2],
         }
     }
 
@@ -154,7 +155,7 @@ impl World {
             &token_file,
             &self.backend.addr.to_string(),
         )
-        .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--health-addr", "127.0.0.1:0"])
         .args(["--log-level", "trace", "--max-retry", "30s"])
         .args(["--keepalive-interval", "1s"]);
         Proc(

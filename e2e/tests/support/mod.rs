@@ -193,11 +193,16 @@ impl Drop for Process {
 }
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    free_ports::<1>()[0]
+}
+
+/// `N` distinct free ports, all held while chosen: ports picked one by one
+/// can repeat.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let held: Vec<std::net::TcpListener> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    std::array::from_fn(|i| held[i].local_addr().expect("addr").port())
 }
 
 /// Polls `check` until it returns `Some`, or panics after `limit`.
