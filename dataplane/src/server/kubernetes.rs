@@ -140,7 +140,7 @@ fn proxied_clusters(client: &Client, namespace: &str) -> Api<DynamicObject> {
 /// Writes connection changes into ProxiedCluster status: coalesced per
 /// cluster (the newest state wins), flushed every second, with a heartbeat
 /// of `lastSeen` while connected, and again when the set of live replicas
-/// changes (the entry carries its size). Failed writes stay pending and
+/// changes (the entry lists them). Failed writes stay pending and
 /// retry.
 pub(super) async fn report_status(
     client: Client,

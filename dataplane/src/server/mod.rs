@@ -240,17 +240,21 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Binds both ports and starts serving. With `--clusters-secret`, the
-    /// Kubernetes client comes from the environment (in-cluster or KUBECONFIG).
+    /// Binds both ports and starts serving. With `--clusters-secret` or
+    /// `--peer-service`, the Kubernetes client comes from the environment
+    /// (in-cluster or KUBECONFIG).
     pub async fn start(args: ServerArgs) -> Result<Self, StartError> {
-        let client = match &args.clusters_secret {
-            Some(_) => Some(kube::Client::try_default().await?),
-            None => None,
+        let needs_api = args.clusters_secret.is_some() || args.peer_service.is_some();
+        let client = if needs_api {
+            Some(kube::Client::try_default().await?)
+        } else {
+            None
         };
         Self::start_with_client(args, client).await
     }
 
-    /// As [`RunningServer::start`], with a given Kubernetes client.
+    /// As [`RunningServer::start`], with a given Kubernetes client (for
+    /// `--clusters-secret` and `--peer-service`).
     pub async fn start_with_client(
         args: ServerArgs,
         client: Option<kube::Client>,
@@ -332,10 +336,6 @@ impl RunningServer {
         }
         let discovery = match (&args.peer_service, &client) {
             (Some(service), Some(client)) => Some((service.clone(), client.clone())),
-            (Some(_), None) => match kube::Client::try_default().await {
-                Ok(client) => args.peer_service.clone().map(|s| (s, client)),
-                Err(err) => return Err(err.into()),
-            },
             _ => None,
         };
         let kube = match (&args.clusters_secret, client) {

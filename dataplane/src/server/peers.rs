@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::http::Body;
+use crate::http::{Body, error_chain};
 use crate::tls::{self, TlsError};
 
 /// Set on a request one replica forwards to another; such a request is
@@ -81,8 +81,8 @@ struct PeerView {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("{0} is not an http:// or https:// URL")]
-    BadUrl(String),
+    #[error("{0:?} is not a DNS name to check peers' certificates against")]
+    BadName(String),
     #[error("TLS for peers: {0}")]
     Tls(#[from] TlsError),
     #[error("own certificate has no DNS name to check peers against; set --peer-tls-name")]
@@ -149,7 +149,7 @@ pub(crate) fn peer_client(tls: Option<&PeerTls>) -> Result<PeerClient, PeerError
                     .ok_or(PeerError::NoPeerName)?,
             };
             let server_name =
-                ServerName::try_from(name.clone()).map_err(|_| PeerError::BadUrl(name))?;
+                ServerName::try_from(name.clone()).map_err(|_| PeerError::BadName(name))?;
             let roots = match &tls.files.client_ca {
                 Some(ca) => tls::load_roots(ca)?,
                 None => web_roots(),
@@ -318,7 +318,12 @@ impl Peers {
         if let Some(url) = self.holder_of(cluster) {
             return Some(url);
         }
-        if self.targets().is_empty() {
+        if self
+            .targets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
             return None;
         }
         let asked = Instant::now();
@@ -485,17 +490,6 @@ impl Peers {
             .await
             .map_err(|err| error_chain(&err))
     }
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// Kubernetes discovery: the ready or still serving endpoints of the

@@ -259,13 +259,7 @@ fn open_failure(err: OpenError) -> Response<Body> {
 /// The full cause chain of a hyper error (the stream's reset reason is at
 /// the bottom), so a caller sees why, e.g. that the agent refused.
 fn tunnel_failure(err: &hyper::Error) -> Response<Body> {
-    let mut message = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let message = crate::http::error_chain(err);
     warn!(error = %message, "tunnel request failed");
     kube_status(
         StatusCode::BAD_GATEWAY,
