@@ -16,6 +16,7 @@ use crate::http::{
 };
 
 /// A request's head prepared for the next hop, and its upgrade (if any).
+#[derive(Default)]
 pub struct Prepared {
     /// The protocol of an upgrade request (`SPDY/3.1`, `websocket`).
     pub upgrade: Option<HeaderValue>,

@@ -91,7 +91,7 @@ impl ServerMetrics {
         let forwarded = IntCounterVec::new(
             Opts::new(
                 "peer_forwarded_requests_total",
-                "Requests forwarded to the replica holding the cluster's tunnel, by result.",
+                "Requests forwarded to the replica holding the cluster's tunnel, by result: ok, error, or unserved (its session was draining; handed on).",
             ),
             &["result"],
         )?;

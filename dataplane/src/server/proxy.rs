@@ -8,6 +8,7 @@ use std::time::Instant;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version as HttpVersion};
 use http_body_util::{BodyExt, Limited};
+use hyper::body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
@@ -15,6 +16,7 @@ use tracing::{debug, warn};
 use super::ServerState;
 use super::metrics::UNKNOWN_CLUSTER;
 use super::peers::FORWARDED_HEADER;
+use crate::clusters::Cluster;
 use crate::forward;
 use crate::http::{Body, kube_status};
 use crate::listen::ConnInfo;
@@ -80,40 +82,7 @@ pub(super) async fn proxy(
             ),
             Ok(uri) => {
                 *request.uri_mut() = uri;
-                let local = state.tunnels.get(&cluster.id);
-                let usable = local
-                    .as_ref()
-                    .is_some_and(|t| !t.session.is_draining() && !t.session.is_closed());
-                let peer = if usable || forwarded {
-                    None
-                } else {
-                    state
-                        .peers
-                        .find_holder(&cluster.id, state.draining.is_cancelled())
-                        .await
-                };
-                // A live local session first; else the peer holding one;
-                // else a draining local session, which still refuses with
-                // a clear error.
-                match (peer, local) {
-                    (Some(peer), _) => {
-                        let forward_path = format!("/tunnel/{}{path_and_query}", cluster.id);
-                        forward_to_peer(&state, &peer, &forward_path, request, &label).await
-                    }
-                    (None, Some(tunnel)) => {
-                        send(
-                            &state,
-                            &cluster.target_addr,
-                            &tunnel.session,
-                            request,
-                            &label,
-                        )
-                        .await
-                    }
-                    (None, None) => {
-                        kube_status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", UNAVAILABLE)
-                    }
-                }
+                dispatch(&state, cluster, &path_and_query, request, forwarded, &label).await
             }
         },
     };
@@ -181,28 +150,104 @@ fn prepare_outgoing(
     ))
 }
 
-async fn send(
+/// What one hop made of a request.
+enum Hop {
+    Answered(Response<Incoming>),
+    /// Refused after it carried the request, or before without a way to
+    /// hand it on: the caller gets this.
+    Failed(Response<Body>),
+    /// Not carried (the session began draining or closed since it was
+    /// chosen): the request comes back for the next hop, with this answer
+    /// if there is none.
+    Unserved(Box<(Request<Body>, Response<Body>)>),
+}
+
+/// Carries the request on a live local session first; else through the
+/// peer holding one (a forwarded request never goes on); else on a draining
+/// local session, which refuses with a clear error. A hop that did not
+/// carry the request hands it to the next, so a session that starts
+/// draining between choice and use fails nothing.
+async fn dispatch(
     state: &ServerState,
-    target: &str,
-    session: &crate::mux::Session,
+    cluster: &Cluster,
+    path_and_query: &str,
     request: Request<Incoming>,
+    forwarded: bool,
     label: &str,
 ) -> Response<Body> {
     let (prepared, mut outgoing) = match prepare_outgoing(state, request) {
         Ok(pair) => pair,
         Err(refused) => return refused.response(),
     };
+    let forward_path = format!("/tunnel/{}{path_and_query}", cluster.id);
+    let mut tried_local = false;
+    let mut tried_peers = Vec::new();
+    let mut refusal = None;
+    loop {
+        let local = if tried_local {
+            None
+        } else {
+            state.tunnels.get(&cluster.id)
+        };
+        let usable = local
+            .as_ref()
+            .is_some_and(|t| !t.session.is_draining() && !t.session.is_closed());
+        let peer = if usable || forwarded {
+            None
+        } else {
+            state
+                .peers
+                .find_holder(&cluster.id, state.draining.is_cancelled(), &tried_peers)
+                .await
+        };
+        let hop = match (peer, local) {
+            (Some(peer), _) => {
+                let hop = forward_to_peer(state, &peer, &forward_path, outgoing, label).await;
+                tried_peers.push(peer);
+                hop
+            }
+            (None, Some(tunnel)) => {
+                tried_local = true;
+                send(&cluster.target_addr, &tunnel.session, outgoing, label).await
+            }
+            (None, None) => {
+                return refusal.unwrap_or_else(|| {
+                    kube_status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", UNAVAILABLE)
+                });
+            }
+        };
+        match hop {
+            Hop::Answered(response) => return forward::relay(prepared, response, label),
+            Hop::Failed(response) => return response,
+            Hop::Unserved(unserved) => {
+                let (request, why) = *unserved;
+                outgoing = request;
+                refusal = Some(why);
+            }
+        }
+    }
+}
+
+async fn send(
+    target: &str,
+    session: &crate::mux::Session,
+    mut outgoing: Request<Body>,
+    label: &str,
+) -> Hop {
     if let Ok(host) = HeaderValue::from_str(target) {
         outgoing.headers_mut().insert(header::HOST, host);
     }
     let stream = match session.open(target).await {
         Ok(stream) => stream,
-        Err(err) => return open_failure(err),
+        Err(err @ (OpenError::Draining | OpenError::Closed)) => {
+            return Hop::Unserved(Box::new((outgoing, open_failure(err))));
+        }
+        Err(err) => return Hop::Failed(open_failure(err)),
     };
     let (mut sender, connection) =
         match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
             Ok(pair) => pair,
-            Err(err) => return tunnel_failure(&err),
+            Err(err) => return Hop::Failed(tunnel_failure(&err)),
         };
     let label_owned = label.to_owned();
     tokio::spawn(async move {
@@ -211,49 +256,80 @@ async fn send(
         }
     });
     match sender.send_request(outgoing).await {
-        Ok(response) => forward::relay(prepared, response, label),
-        Err(err) => tunnel_failure(&err),
+        Ok(response) => Hop::Answered(response),
+        Err(err) => Hop::Failed(tunnel_failure(&err)),
     }
 }
 
 /// Carries the request to the replica that holds the cluster's tunnel;
-/// streams, watches and upgrades relay as they would locally.
+/// streams, watches and upgrades relay as they would locally. A peer's
+/// "not carried" answer hands a bodyless request on (a body, once sent,
+/// cannot be sent again).
 async fn forward_to_peer(
     state: &ServerState,
     peer: &str,
     path_and_query: &str,
-    request: Request<Incoming>,
+    outgoing: Request<Body>,
     label: &str,
-) -> Response<Body> {
-    let (prepared, outgoing) = match prepare_outgoing(state, request) {
-        Ok(pair) => pair,
-        Err(refused) => return refused.response(),
-    };
+) -> Hop {
+    let (parts, body) = outgoing.into_parts();
+    let head = body.is_end_stream().then(|| parts.clone());
+    let outgoing = Request::from_parts(parts, body);
     match state.peers.forward(peer, path_and_query, outgoing).await {
+        Ok(response) if response.headers().contains_key(UNSERVED_HEADER) => {
+            state
+                .metrics
+                .forwarded
+                .with_label_values(&["unserved"])
+                .inc();
+            debug!(cluster = %label, %peer, "the peer's session was draining; trying the next");
+            let refusal = forward::relay(forward::Prepared::default(), response, label);
+            match head {
+                Some(parts) => {
+                    let request = Request::from_parts(parts, crate::http::empty());
+                    Hop::Unserved(Box::new((request, refusal)))
+                }
+                None => Hop::Failed(refusal),
+            }
+        }
         Ok(response) => {
             state.metrics.forwarded.with_label_values(&["ok"]).inc();
-            forward::relay(prepared, response, label)
+            Hop::Answered(response)
         }
         Err(err) => {
             state.metrics.forwarded.with_label_values(&["error"]).inc();
             warn!(cluster = %label, %peer, error = %err, "forwarding to a peer failed");
-            kube_status(
+            Hop::Failed(kube_status(
                 StatusCode::BAD_GATEWAY,
                 "ServiceUnavailable",
                 "tunnel: the replica holding this cluster did not answer",
-            )
+            ))
         }
     }
 }
 
+/// Set on an answer whose request was not carried to the cluster, so a
+/// forwarding replica may hand it to another holder.
+const UNSERVED_HEADER: &str = "x-tether-unserved";
+
 fn open_failure(err: OpenError) -> Response<Body> {
-    let status = match err {
-        OpenError::TooManyStreams(_) | OpenError::Draining => StatusCode::SERVICE_UNAVAILABLE,
-        OpenError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-        OpenError::Closed | OpenError::Refused(_) => StatusCode::BAD_GATEWAY,
+    let (status, unserved) = match err {
+        OpenError::TooManyStreams(_) => (StatusCode::SERVICE_UNAVAILABLE, false),
+        OpenError::Draining => (StatusCode::SERVICE_UNAVAILABLE, true),
+        OpenError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, false),
+        OpenError::Closed => (StatusCode::BAD_GATEWAY, true),
+        OpenError::Refused(_) => (StatusCode::BAD_GATEWAY, false),
     };
     warn!(error = %err, "cannot open a tunnel stream");
-    kube_status(status, "ServiceUnavailable", &format!("tunnel: {err}"))
+    let mut response = kube_status(status, "ServiceUnavailable", &format!("tunnel: {err}"));
+    if unserved {
+        let headers = response.headers_mut();
+        headers.insert(UNSERVED_HEADER, HeaderValue::from_static("1"));
+        // client-go retries a 5xx that carries Retry-After; by then the
+        // agent holds sessions with the replicas that stay.
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
 }
 
 /// The full cause chain of a hyper error (the stream's reset reason is at
