@@ -249,7 +249,27 @@ def test_server_rbac_is_least_privilege():
     ]
     cluster_role = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-server"))
     verbs = {(tuple(r["resources"]), tuple(r["verbs"])) for r in cluster_role["rules"]}
-    assert verbs == {(("proxiedclusters",), ("get",)), (("proxiedclusters/status",), ("get", "patch"))}
+    assert verbs == {
+        (("proxiedclusters",), ("get",)),
+        (("proxiedclusters/status",), ("get", "patch")),
+        # Agent certificate renewal: the server asks, the operator signs.
+        (("certificatesigningrequests",), ("create", "get")),
+    }
+
+
+def test_only_the_operator_signs_and_only_for_its_signer():
+    docs = [doc for _, doc in render(TETHER, None)]
+    rules = [r for d in docs if d["kind"] in ("ClusterRole", "Role") for r in d["rules"]]
+    signing = [r for r in rules if "signers" in r.get("resources", [])]
+    assert signing == [{"apiGroups": ["certificates.k8s.io"], "resources": ["signers"],
+                        "resourceNames": ["tether.dev/agent"], "verbs": ["approve", "sign"]}]
+    operator = next(d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"].endswith("-operator"))
+    assert signing[0] in operator["rules"]
+    for doc in docs:
+        if doc["kind"] in ("ClusterRole", "Role") and doc is not operator:
+            for rule in doc["rules"]:
+                assert not {"certificatesigningrequests/approval", "certificatesigningrequests/status"} & set(
+                    rule.get("resources", [])), doc["metadata"]["name"]
 
 
 def test_chart_crd_is_the_generated_one():
@@ -293,5 +313,10 @@ def test_agent_chart_renders_what_the_bundle_holds(bundle):
     assert chart_c["securityContext"] == bundle_c["securityContext"]
     assert sorted(a.split("=")[0] for a in chart_c["args"]) == sorted(a.split("=")[0] for a in bundle_c["args"])
     assert chart["ClusterRole"]["rules"] == ours["ClusterRole"]["rules"]
+    # The agent writes renewed credentials to its own Secret, nothing else.
+    own_secret = [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["tether-agent"], "verbs": ["get", "update"]}]
+    assert chart["Role"]["rules"] == ours["Role"]["rules"] == own_secret
+    assert chart["RoleBinding"]["subjects"] == ours["RoleBinding"]["subjects"]
+    assert chart_c["env"] == bundle_c["env"]
     ports = lambda np: sorted((p["port"], p["protocol"]) for r in np["spec"]["egress"] for p in r["ports"])
     assert ports(chart["NetworkPolicy"]) == ports(ours["NetworkPolicy"])

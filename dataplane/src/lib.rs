@@ -3,6 +3,7 @@
 
 pub mod agent;
 pub mod clusters;
+pub mod credentials;
 pub mod fake_apiserver;
 pub mod forward;
 #[doc(hidden)]

@@ -174,43 +174,192 @@ impl CertificateAuthority {
     }
 
     pub fn issue(&self, request: &LeafRequest) -> Result<Issued, PkiError> {
-        let mut params = CertificateParams::default();
-        let mut name = DistinguishedName::new();
-        name.push(DnType::CommonName, request.common_name.as_str());
-        params.distinguished_name = name;
-        let mut sans = Vec::new();
-        for dns in &request.dns_names {
-            sans.push(SanType::DnsName(dns.as_str().try_into()?));
-        }
-        for ip in &request.ip_addresses {
-            sans.push(SanType::IpAddress(*ip));
-        }
-        for uri in &request.uris {
-            sans.push(SanType::URI(uri.as_str().try_into()?));
-        }
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.use_authority_key_identifier_extension = true;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = match request.usage {
-            // Replicas of tether-server authenticate to each other with
-            // their server certificate (peer forwarding).
-            Usage::Server => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
-        };
-        let (not_before, not_after, not_after_system) = validity_window(request.validity)?;
-        params.not_before = not_before;
-        params.not_after = not_after;
+        let (params, not_after) = leaf_params(request)?;
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
-            not_after: not_after_system,
+            not_after,
         })
+    }
+
+    /// Signs an agent's request for `cluster_id`, checked by
+    /// [`AgentRequest::check`]: the certificate says what
+    /// [`LeafRequest::agent`] says, whatever else the request asked for;
+    /// only the public key is the agent's.
+    pub fn sign_agent_request(
+        &self,
+        request: &AgentRequest,
+        validity: Duration,
+    ) -> Result<String, PkiError> {
+        let (params, _) = leaf_params(&LeafRequest::agent(&request.cluster_id, validity))?;
+        let signed = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: request.parsed.public_key.clone(),
+        }
+        .signed_by(&self.issuer)?;
+        Ok(signed.pem())
+    }
+}
+
+/// The parameters of a leaf certificate and when it expires.
+fn leaf_params(request: &LeafRequest) -> Result<(CertificateParams, SystemTime), PkiError> {
+    let mut params = CertificateParams::default();
+    let mut name = DistinguishedName::new();
+    name.push(DnType::CommonName, request.common_name.as_str());
+    params.distinguished_name = name;
+    let mut sans = Vec::new();
+    for dns in &request.dns_names {
+        sans.push(SanType::DnsName(dns.as_str().try_into()?));
+    }
+    for ip in &request.ip_addresses {
+        sans.push(SanType::IpAddress(*ip));
+    }
+    for uri in &request.uris {
+        sans.push(SanType::URI(uri.as_str().try_into()?));
+    }
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = match request.usage {
+        // Replicas of tether-server authenticate to each other with
+        // their server certificate (peer forwarding).
+        Usage::Server => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+    };
+    let (not_before, not_after, not_after_system) = validity_window(request.validity)?;
+    params.not_before = not_before;
+    params.not_after = not_after;
+    Ok((params, not_after_system))
+}
+
+/// Why an agent's certificate request is refused. Says what was wrong,
+/// never echoes more than the identity asked for.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum RequestRefusal {
+    #[error("not a PKCS#10 request with a valid signature")]
+    Malformed,
+    #[error("asks for identity {asked:?}, but the session is cluster {cluster:?}")]
+    WrongIdentity { asked: String, cluster: String },
+    #[error("asks for names other than the cluster's identity")]
+    ExtraNames,
+    #[error("asks to be a certificate authority")]
+    CertificateAuthority,
+    #[error("asks for a usage other than TLS client authentication")]
+    Usage,
+}
+
+/// An agent's certificate request that names exactly one cluster and asks
+/// for nothing an agent must not have.
+pub struct AgentRequest {
+    pub cluster_id: String,
+    parsed: rcgen::CertificateSigningRequestParams,
+}
+
+impl std::fmt::Debug for AgentRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentRequest")
+            .field("cluster_id", &self.cluster_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentRequest {
+    /// Makes a new key pair and a request for `cluster_id`'s identity.
+    /// Returns the request and the private key (secret: it never leaves
+    /// the agent), both PEM.
+    pub fn create(cluster_id: &str) -> Result<(String, String), PkiError> {
+        let mut params = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, cluster_id);
+        params.distinguished_name = name;
+        params.subject_alt_names = vec![SanType::URI(
+            format!("{CLUSTER_URI_PREFIX}{cluster_id}").try_into()?,
+        )];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let request = params.serialize_request(&key)?;
+        Ok((request.pem()?, key.serialize_pem()))
+    }
+
+    /// Accepts `pem` only if its signature holds and it asks for exactly
+    /// `cluster_id`'s identity (CN and URI SAN), no CA, and no usage but
+    /// client authentication.
+    pub fn check(pem: &str, cluster_id: &str) -> Result<Self, RequestRefusal> {
+        let parsed = rcgen::CertificateSigningRequestParams::from_pem(pem)
+            .map_err(|_| RequestRefusal::Malformed)?;
+        let params = &parsed.params;
+        let wrong = |asked: String| RequestRefusal::WrongIdentity {
+            asked: asked.chars().take(80).collect(),
+            cluster: cluster_id.to_owned(),
+        };
+        let common_names: Vec<String> = params
+            .distinguished_name
+            .iter()
+            .filter(|(kind, _)| **kind == DnType::CommonName)
+            .map(|(_, value)| dn_text(value))
+            .collect();
+        if params.distinguished_name.iter().count() != 1 || common_names.len() != 1 {
+            return Err(wrong(common_names.join(",")));
+        }
+        if common_names[0] != cluster_id {
+            return Err(wrong(common_names[0].clone()));
+        }
+        let expected_uri = format!("{CLUSTER_URI_PREFIX}{cluster_id}");
+        match params.subject_alt_names.as_slice() {
+            [SanType::URI(uri)] if uri.as_str() == expected_uri => {}
+            [SanType::URI(uri)] => return Err(wrong(uri.as_str().to_owned())),
+            _ => return Err(RequestRefusal::ExtraNames),
+        }
+        if matches!(params.is_ca, IsCa::Ca(_)) {
+            return Err(RequestRefusal::CertificateAuthority);
+        }
+        if params
+            .extended_key_usages
+            .iter()
+            .any(|usage| *usage != ExtendedKeyUsagePurpose::ClientAuth)
+            || params.key_usages.iter().any(|usage| {
+                !matches!(
+                    usage,
+                    KeyUsagePurpose::DigitalSignature | KeyUsagePurpose::KeyEncipherment
+                )
+            })
+        {
+            return Err(RequestRefusal::Usage);
+        }
+        Ok(Self {
+            cluster_id: cluster_id.to_owned(),
+            parsed,
+        })
+    }
+}
+
+/// Whether `cert_pem` certifies the public half of `key_pem`.
+pub fn certificate_matches_key(cert_pem: &str, key_pem: &str) -> bool {
+    use rcgen::PublicKeyData;
+    use rustls::pki_types::pem::PemObject;
+    let Ok(der) = CertificateDer::from_pem_slice(cert_pem.as_bytes()) else {
+        return false;
+    };
+    let Ok((_, cert)) = X509Certificate::from_der(der.as_ref()) else {
+        return false;
+    };
+    KeyPair::from_pem(key_pem)
+        .is_ok_and(|key| key.subject_public_key_info() == cert.tbs_certificate.subject_pki.raw)
+}
+
+fn dn_text(value: &rcgen::DnValue) -> String {
+    match value {
+        rcgen::DnValue::Utf8String(s) => s.clone(),
+        rcgen::DnValue::PrintableString(s) => s.as_str().to_owned(),
+        rcgen::DnValue::Ia5String(s) => s.as_str().to_owned(),
+        rcgen::DnValue::TeletexString(s) => s.as_str().to_owned(),
+        other => format!("{other:?}"),
     }
 }
 
@@ -226,6 +375,10 @@ impl CertInfo {
     pub fn from_pem(pem: &str) -> Result<Self, PkiError> {
         use rustls::pki_types::pem::PemObject;
         let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|_| PkiError::Parse)?;
+        Self::from_der(&der)
+    }
+
+    pub fn from_der(der: &CertificateDer<'_>) -> Result<Self, PkiError> {
         let (_, parsed) = X509Certificate::from_der(der.as_ref()).map_err(|_| PkiError::Parse)?;
         let to_system = |t: x509_parser::time::ASN1Time| {
             SystemTime::UNIX_EPOCH + Duration::from_secs(t.timestamp().max(0) as u64)
@@ -233,7 +386,7 @@ impl CertInfo {
         Ok(Self {
             not_before: to_system(parsed.validity().not_before),
             not_after: to_system(parsed.validity().not_after),
-            cluster: cluster_identity(&der)?,
+            cluster: cluster_identity(der)?,
         })
     }
 
@@ -302,6 +455,126 @@ pub fn is_server_identity(cert: &CertificateDer<'_>) -> bool {
 mod tests {
     use super::*;
     use rustls::pki_types::pem::PemObject;
+
+    fn request_with(params: impl FnOnce(&mut CertificateParams)) -> String {
+        let mut p = CertificateParams::default();
+        let mut name = DistinguishedName::new();
+        name.push(DnType::CommonName, "dev");
+        p.distinguished_name = name;
+        p.subject_alt_names = vec![SanType::URI(
+            "spiffe://tether/cluster/dev".try_into().expect("uri"),
+        )];
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params(&mut p);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("key");
+        p.serialize_request(&key).expect("csr").pem().expect("pem")
+    }
+
+    #[test]
+    fn agent_requests_are_signed_for_exactly_their_cluster() {
+        let ca = CertificateAuthority::generate("test CA", Duration::from_secs(3600)).expect("ca");
+        let (csr, key) = AgentRequest::create("dev").expect("request");
+        assert!(!csr.contains("PRIVATE KEY"), "the request carries no key");
+        let request = AgentRequest::check(&csr, "dev").expect("accepted");
+        let cert = ca
+            .sign_agent_request(&request, Duration::from_secs(600))
+            .expect("signed");
+        assert!(certificate_matches_key(&cert, &key), "the agent's own key");
+        let info = CertInfo::from_pem(&cert).expect("parses");
+        assert_eq!(info.cluster.as_deref(), Some("dev"));
+        let life = info
+            .not_after
+            .duration_since(info.not_before)
+            .expect("window");
+        assert_eq!(life, Duration::from_secs(600) + BACKDATE);
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).expect("pem");
+        assert!(!is_server_identity(&der), "a client certificate only");
+        let (other, other_key) = AgentRequest::create("dev").expect("request");
+        assert!(!other.is_empty() && !certificate_matches_key(&cert, &other_key));
+    }
+
+    #[test]
+    fn agent_requests_asking_for_more_are_refused() {
+        let (csr, _) = AgentRequest::create("dev").expect("request");
+        assert!(matches!(
+            AgentRequest::check(&csr, "prod"),
+            Err(RequestRefusal::WrongIdentity { asked, cluster }) if asked == "dev" && cluster == "prod"
+        ));
+        let cases: Vec<(RequestRefusal, String)> = vec![
+            (
+                RequestRefusal::ExtraNames,
+                request_with(|p| {
+                    p.subject_alt_names
+                        .push(SanType::DnsName("tether.example".try_into().expect("dns")))
+                }),
+            ),
+            (
+                RequestRefusal::CertificateAuthority,
+                request_with(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)),
+            ),
+            (
+                RequestRefusal::Usage,
+                request_with(|p| {
+                    p.extended_key_usages
+                        .push(ExtendedKeyUsagePurpose::ServerAuth)
+                }),
+            ),
+            (
+                RequestRefusal::Usage,
+                request_with(|p| p.key_usages = vec![KeyUsagePurpose::KeyCertSign]),
+            ),
+            (
+                RequestRefusal::WrongIdentity {
+                    asked: "spiffe://tether/cluster/prod".into(),
+                    cluster: "dev".into(),
+                },
+                request_with(|p| {
+                    p.subject_alt_names = vec![SanType::URI(
+                        "spiffe://tether/cluster/prod".try_into().expect("uri"),
+                    )]
+                }),
+            ),
+            (
+                RequestRefusal::Malformed,
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+                    .into(),
+            ),
+            (RequestRefusal::Malformed, "not pem".into()),
+        ];
+        for (expected, csr) in cases {
+            assert_eq!(
+                AgentRequest::check(&csr, "dev").err(),
+                Some(expected.clone()),
+                "{expected}"
+            );
+        }
+        // A valid request whose signature was tampered with.
+        let good = request_with(|_| {});
+        let der = rustls::pki_types::CertificateSigningRequestDer::from_pem_slice(good.as_bytes())
+            .expect("pem");
+        let mut bytes = der.as_ref().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        let pem = pem_encode("CERTIFICATE REQUEST", &bytes);
+        assert_eq!(
+            AgentRequest::check(&pem, "dev").err(),
+            Some(RequestRefusal::Malformed)
+        );
+    }
+
+    fn pem_encode(label: &str, der: &[u8]) -> String {
+        use base64::Engine;
+        let body = base64::engine::general_purpose::STANDARD.encode(der);
+        let lines: Vec<&str> = body
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).expect("ascii"))
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
 
     #[test]
     fn agent_certificates_name_their_cluster() {

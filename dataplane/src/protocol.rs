@@ -70,6 +70,10 @@ pub enum FrameType {
     /// names separated by commas. Sent only to agents that announced
     /// themselves with an instance id (they hold one session per replica).
     Replicas = 0x0b,
+    /// v2, both ways, stream 0: a credentials message (JSON, see
+    /// `credentials::Message`): the agent's certificate request, the
+    /// signed certificate, a refusal, or a request to renew now.
+    Credentials = 0x0c,
 }
 
 impl FrameType {
@@ -86,6 +90,7 @@ impl FrameType {
             0x09 => Self::GoAway,
             0x0a => Self::Fin,
             0x0b => Self::Replicas,
+            0x0c => Self::Credentials,
             _ => return None,
         })
     }
@@ -93,7 +98,7 @@ impl FrameType {
     /// Whether a peer speaking `version` may send this type at all.
     pub fn allowed_in(self, version: Version) -> bool {
         match self {
-            Self::WindowUpdate | Self::GoAway | Self::Fin | Self::Replicas => {
+            Self::WindowUpdate | Self::GoAway | Self::Fin | Self::Replicas | Self::Credentials => {
                 version == Version::V2
             }
             _ => true,
@@ -204,7 +209,7 @@ mod tests {
 
     #[test]
     fn round_trips_every_type() {
-        for byte in 0x01..=0x0a {
+        for byte in 0x01..=0x0c {
             let kind = FrameType::from_byte(byte).expect("known type");
             let payload = if kind == FrameType::WindowUpdate {
                 Bytes::from_static(&[0, 0, 1, 0])

@@ -34,6 +34,8 @@ pub enum TlsError {
     Config(#[from] rustls::Error),
     #[error("client CA unusable: {0}")]
     ClientVerifier(#[from] rustls::server::VerifierBuilderError),
+    #[error("not a PEM certificate and private key")]
+    BadIdentity,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -61,6 +63,21 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_slice(&pem).map_err(|_| TlsError::NoPrivateKey {
         path: path.to_owned(),
     })
+}
+
+/// A certificate chain and its key from PEM text (a renewed identity).
+pub fn identity_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(cert_pem)
+        .filter_map(Result::ok)
+        .collect();
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::BadIdentity)?;
+    if certs.is_empty() {
+        return Err(TlsError::BadIdentity);
+    }
+    Ok((certs, key))
 }
 
 pub fn load_roots(path: &Path) -> Result<RootCertStore, TlsError> {

@@ -6,15 +6,18 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, HTTPGetAction, Namespace, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource,
-    SecurityContext, ServiceAccount, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace,
+    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, ServiceAccount, Volume,
+    VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPort,
     NetworkPolicySpec,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use k8s_openapi::api::rbac::v1::{
+    ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
+};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -28,6 +31,8 @@ use crate::crd::ProxiedCluster;
 pub const AGENT_NAME: &str = "tether-agent";
 const HEALTH_PORT: i32 = 8081;
 const SECRET_MOUNT: &str = "/etc/tether";
+/// The Role letting the agent update its own Secret (renewed credentials).
+const CREDENTIALS_ROLE: &str = "tether-agent-credentials";
 /// tether-agent's path in the all-in-one image.
 const AGENT_COMMAND: &str = "/usr/local/bin/tether-agent";
 
@@ -216,13 +221,12 @@ fn default_resources() -> ResourceRequirements {
 }
 
 fn deployment(input: &BundleInput) -> Deployment {
-    let file = |name: &str| format!("{SECRET_MOUNT}/{name}");
+    // The agent reads token, ca.crt, tls.crt and tls.key from the mounted
+    // Secret, and writes renewed certificates back to that Secret.
     let args = vec![
         format!("--server={}", input.server_url),
-        format!("--token-file={}", file("token")),
-        format!("--server-ca-cert={}", file("ca.crt")),
-        format!("--client-cert={}", file("tls.crt")),
-        format!("--client-key={}", file("tls.key")),
+        format!("--credentials-dir={SECRET_MOUNT}"),
+        format!("--credentials-secret={AGENT_NAME}"),
         format!("--target={}", input.target),
         format!("--health-addr=:{HEALTH_PORT}"),
     ];
@@ -234,6 +238,17 @@ fn deployment(input: &BundleInput) -> Deployment {
         // tether-server: the agent must name its program.
         command: Some(vec![AGENT_COMMAND.into()]),
         args: Some(args),
+        env: Some(vec![EnvVar {
+            name: "POD_NAMESPACE".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "metadata.namespace".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
         ports: Some(vec![ContainerPort {
             name: Some("health".into()),
             container_port: HEALTH_PORT,
@@ -430,11 +445,38 @@ pub fn render(input: &BundleInput) -> Result<Bundle, BundleError> {
             ..Default::default()
         }]),
     };
+    // Renewed credentials go to the agent's own Secret, and only there.
+    let credentials_role = Role {
+        metadata: meta(CREDENTIALS_ROLE, Some(&input.namespace)),
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["secrets".into()]),
+            resource_names: Some(vec![AGENT_NAME.into()]),
+            verbs: vec!["get".into(), "update".into()],
+            ..Default::default()
+        }]),
+    };
+    let credentials_binding = RoleBinding {
+        metadata: meta(CREDENTIALS_ROLE, Some(&input.namespace)),
+        role_ref: RoleRef {
+            api_group: "rbac.authorization.k8s.io".into(),
+            kind: "Role".into(),
+            name: CREDENTIALS_ROLE.into(),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: AGENT_NAME.into(),
+            namespace: Some(input.namespace.clone()),
+            ..Default::default()
+        }]),
+    };
     let documents = [
         document("Namespace", &namespace)?,
         document("ServiceAccount", &service_account)?,
         document("ClusterRole", &role)?,
         document("ClusterRoleBinding", &binding)?,
+        document("Role", &credentials_role)?,
+        document("RoleBinding", &credentials_binding)?,
         document("Secret", &secret(input))?,
         document("Deployment", &deployment(input))?,
         document("NetworkPolicy", &network_policy(input))?,
@@ -523,12 +565,27 @@ mod tests {
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
                 "Secret",
                 "Deployment",
                 "NetworkPolicy"
             ]
         );
-        let deployment: Deployment = serde_json::from_value(docs[5].clone()).expect("Deployment");
+        // The agent may write its own Secret (renewed credentials) and no other.
+        let role: Role = serde_json::from_value(docs[4].clone()).expect("Role");
+        let rules = role.rules.expect("rules");
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["secrets".to_owned()][..])
+        );
+        assert_eq!(
+            rules[0].resource_names.as_deref(),
+            Some(&[AGENT_NAME.to_owned()][..])
+        );
+        assert_eq!(rules[0].verbs, ["get", "update"]);
+        let deployment: Deployment = serde_json::from_value(docs[7].clone()).expect("Deployment");
         let pod = deployment.spec.expect("spec").template.spec.expect("pod");
         let security = pod.containers[0]
             .security_context
@@ -551,7 +608,8 @@ mod tests {
             !args.iter().any(|a| a.contains("secret-token")),
             "token only in the Secret"
         );
-        let policy: NetworkPolicy = serde_json::from_value(docs[6].clone()).expect("NetworkPolicy");
+        assert!(args.contains(&format!("--credentials-secret={AGENT_NAME}")));
+        let policy: NetworkPolicy = serde_json::from_value(docs[8].clone()).expect("NetworkPolicy");
         let egress = policy.spec.expect("spec").egress.expect("egress");
         let ports: Vec<i32> = egress
             .iter()

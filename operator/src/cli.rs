@@ -241,8 +241,12 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
         cluster_id: id,
         agent_cert_lifetime: lifetime,
         public_url,
-    } = validate_spec(&pc, args.public_url.as_deref())
-        .map_err(|problem| anyhow::anyhow!("{}: {problem}", args.file.display()))?;
+    } = validate_spec(
+        &pc,
+        args.public_url.as_deref(),
+        crate::settings::Settings::defaults().min_cert_duration,
+    )
+    .map_err(|problem| anyhow::anyhow!("{}: {problem}", args.file.display()))?;
     let ca = load_or_create_ca(&args.ca_dir)?;
 
     // The token is kept beside the CA so a re-render reuses it.

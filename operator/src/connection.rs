@@ -76,6 +76,7 @@ pub fn summarize(sessions: &BTreeMap<String, AgentSession>, now: SystemTime) -> 
             .filter_map(|s| s.since.clone())
             .min_by_key(|t| t.0),
         agent_version: newest.and_then(|s| s.agent_version.clone()),
+        certificate_not_after: newest.and_then(|s| s.certificate_not_after.clone()),
         last_seen: sessions
             .values()
             .filter_map(|s| s.last_seen.clone())
@@ -117,6 +118,8 @@ mod tests {
             remote_address: Some("10.0.0.9:4000".into()),
             last_seen: at(now, seen_ago),
             live_replicas: live.iter().map(|r| (*r).to_owned()).collect(),
+            // Newer sessions present newer certificates.
+            certificate_not_after: at(now + Duration::from_secs(86400), seen_ago),
         }
     }
 
@@ -143,6 +146,11 @@ mod tests {
             connection.agent_version.as_deref(),
             Some("v5"),
             "the newest session's agent"
+        );
+        assert_eq!(
+            connection.certificate_not_after,
+            at(now + Duration::from_secs(86400), 5),
+            "and the certificate it presented"
         );
         assert_eq!(connection.since, at(now, 120), "the oldest live session");
         assert_eq!(connection.last_seen, at(now, 2));

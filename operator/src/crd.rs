@@ -206,7 +206,8 @@ pub struct ProxiedClusterStatus {
     pub cluster_id: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// Ready, TokenIssued, CertificatesIssued, ArgoCDRegistered, BundleReady, AgentConnected.
+    /// Ready, TokenIssued, CertificatesIssued, ArgoCDRegistered, BundleReady,
+    /// AgentConnected, AgentCredentialsExpired.
     #[serde(default)]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
@@ -234,8 +235,13 @@ pub struct ProxiedClusterStatus {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CertificatesStatus {
+    /// Expiry of the agent's certificate in use: the one it presented
+    /// last (it renews over the tunnel), or the bundle's until it connects.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_not_after: Option<Time>,
+    /// Expiry of the certificate in the bundle the operator keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle_not_after: Option<Time>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -262,6 +268,10 @@ pub struct ConnectionStatus {
     pub agent_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_seen: Option<Time>,
+    /// Expiry of the client certificate the agent presented in its newest
+    /// session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_not_after: Option<Time>,
 }
 
 /// One replica's session with the agent, written by that replica.
@@ -275,6 +285,9 @@ pub struct AgentSession {
     pub agent_version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote_address: Option<String>,
+    /// Expiry of the client certificate the agent presented.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_not_after: Option<Time>,
     /// Refreshed every 30 s while connected: an entry that stops being
     /// refreshed belongs to a replica that died without saying so.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -27,7 +27,11 @@ pub fn proxied_cluster(input: &[u8]) {
         serde_yaml_ng::from_slice::<ProxiedCluster>(input).ok(),
     ];
     for pc in parsed.iter().flatten() {
-        let Ok(valid) = validate_spec(pc, Some("wss://tether.example.com:443")) else {
+        let Ok(valid) = validate_spec(
+            pc,
+            Some("wss://tether.example.com:443"),
+            crate::settings::Settings::defaults().min_cert_duration,
+        ) else {
             continue;
         };
         let client = Issued {

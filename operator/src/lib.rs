@@ -15,11 +15,13 @@ pub mod objects;
 pub mod pki;
 pub mod reconcile;
 pub mod settings;
+pub mod signer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Recorder, Reporter};
@@ -110,6 +112,25 @@ pub async fn run(
     ));
     tokio::spawn(reconcile::refresh_pki(ctx.clone(), stop.clone()));
     let graceful = stop.clone();
+    // Agent certificate renewals: only requests for tether's signer.
+    let requests = Api::<CertificateSigningRequest>::all(ctx.client.clone());
+    let signer = Controller::new(
+        requests,
+        watcher::Config::default().fields(&format!(
+            "spec.signerName={}",
+            tether::server::signing::SIGNER_NAME
+        )),
+    )
+    .graceful_shutdown_on({
+        let stop = stop.clone();
+        async move { stop.cancelled().await }
+    })
+    .run(signer::reconcile, signer::error_policy, ctx.clone())
+    .for_each(|result| async move {
+        if let Err(err) = result {
+            warn!(error = %err, "certificate signing error");
+        }
+    });
     let controller = controller
         .graceful_shutdown_on(async move { graceful.cancelled().await })
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
@@ -121,6 +142,9 @@ pub async fn run(
                 Err(err) => warn!(error = %err, "reconcile error"),
             }
         });
+    let controller = async move {
+        tokio::join!(controller, signer);
+    };
     match &elector {
         Some(elector) => tokio::select! {
             _ = controller => Ok(()),

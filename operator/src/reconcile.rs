@@ -34,6 +34,7 @@ use crate::pki::{GlobalPki, GlobalPkiError, LeafSecret, ensure_leaf, issued_from
 use crate::settings::{Settings, url_host};
 
 pub const FINALIZER: &str = "tether.dev/cleanup";
+const CREDENTIALS_EXPIRED: &str = "AgentCredentialsExpired";
 const ROTATION_ANNOTATION: &str = "tether.dev/token-rotation";
 pub use tether::server::kubernetes::CLUSTERS_KEY;
 pub const BUNDLE_KEY: &str = "bundle.yaml";
@@ -52,6 +53,8 @@ pub enum Error {
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("object has no {0}")]
     MissingObjectKey(&'static str),
+    #[error("signing: {0}")]
+    Sign(#[from] tether::pki::PkiError),
 }
 
 /// Shared by every reconcile.
@@ -199,6 +202,7 @@ pub struct ValidSpec {
 pub fn validate_spec(
     pc: &ProxiedCluster,
     default_public_url: Option<&str>,
+    min_cert_duration: Duration,
 ) -> Result<ValidSpec, String> {
     let id = pc.cluster_id();
     if !tether::clusters::is_dns_label(&id) {
@@ -222,11 +226,7 @@ pub fn validate_spec(
     if !tether::clusters::is_host_port(target) {
         return Err(format!("spec.targetAddress {target:?} is not host:port"));
     }
-    let lifetime = humantime::parse_duration(&pc.spec.certificates.agent_duration)
-        .map_err(|err| format!("spec.certificates.agentDuration: {err}"))?;
-    if lifetime < Duration::from_secs(3600) {
-        return Err("spec.certificates.agentDuration must be at least 1h".into());
-    }
+    let lifetime = agent_cert_lifetime(pc, min_cert_duration)?;
     let url = pc
         .spec
         .public_url
@@ -241,6 +241,22 @@ pub fn validate_spec(
         agent_cert_lifetime: lifetime,
         public_url: url.to_owned(),
     })
+}
+
+/// `spec.certificates.agentDuration`, at least `min_cert_duration`.
+pub fn agent_cert_lifetime(
+    pc: &ProxiedCluster,
+    min_cert_duration: Duration,
+) -> Result<Duration, String> {
+    let lifetime = humantime::parse_duration(&pc.spec.certificates.agent_duration)
+        .map_err(|err| format!("spec.certificates.agentDuration: {err}"))?;
+    if lifetime < min_cert_duration {
+        return Err(format!(
+            "spec.certificates.agentDuration must be at least {}",
+            humantime::format_duration(min_cert_duration)
+        ));
+    }
+    Ok(lifetime)
 }
 
 /// The path of the first string in `spec` (keys included) that holds a
@@ -271,7 +287,11 @@ fn field_with_control_character(spec: &ProxiedClusterSpec) -> Option<String> {
 /// [`validate_spec`], and the cluster id is not already taken by an older
 /// ProxiedCluster.
 fn validate(pc: &ProxiedCluster, ctx: &Context) -> Result<ValidSpec, String> {
-    let valid = validate_spec(pc, ctx.settings.public_url.as_deref())?;
+    let valid = validate_spec(
+        pc,
+        ctx.settings.public_url.as_deref(),
+        ctx.settings.min_cert_duration,
+    )?;
     if let Some(other) = ctx.store.state().iter().find(|other| {
         other.cluster_id() == valid.cluster_id
             && other.uid() != pc.uid()
@@ -344,6 +364,61 @@ impl Conditions {
             observed_generation: self.generation,
             last_transition_time: since,
         });
+    }
+
+    /// AgentCredentialsExpired: the certificate the agent uses has expired
+    /// and no session is up (tether-server refuses it). Returns how long
+    /// until it expires, `None` once it has.
+    fn set_credentials_expiry(
+        &mut self,
+        certificates: Option<&CertificatesStatus>,
+        connection: Option<&ConnectionStatus>,
+        now: SystemTime,
+    ) -> Option<Duration> {
+        let Some(not_after) = certificates
+            .and_then(|c| c.agent_not_after.as_ref())
+            .map(|t| SystemTime::from(t.0))
+        else {
+            self.set(
+                CREDENTIALS_EXPIRED,
+                false,
+                "NoCertificate",
+                "no agent certificate yet",
+            );
+            return Some(RESYNC);
+        };
+        let connected = connection.is_some_and(|c| c.connected);
+        match not_after.duration_since(now) {
+            Ok(left) => {
+                self.set(
+                    CREDENTIALS_EXPIRED,
+                    false,
+                    "Valid",
+                    "the agent's certificate is valid; it renews itself at two thirds of its life",
+                );
+                Some(left)
+            }
+            Err(_) if connected => {
+                // A newer certificate is in use than the last one seen.
+                self.set(
+                    CREDENTIALS_EXPIRED,
+                    false,
+                    "Valid",
+                    "the agent is connected",
+                );
+                Some(RESYNC)
+            }
+            Err(_) => {
+                self.set(
+                    CREDENTIALS_EXPIRED,
+                    true,
+                    "Expired",
+                    "the agent's client certificate expired and tether-server refuses it: \
+                     export a new bundle (kubectl tether bundle export) and apply it in the customer cluster",
+                );
+                None
+            }
+        }
     }
 
     /// AgentConnected mirrors the sessions the tether-server replicas
@@ -692,14 +767,39 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
         },
     );
     conditions.set_connected(sessions.connection.as_ref());
+    let certificates = agent.as_ref().map(|(_, info)| {
+        let bundle_not_after = Timestamp::try_from(info.not_after).ok().map(Time);
+        CertificatesStatus {
+            agent_not_after: agent_not_after(pc, sessions.connection.as_ref())
+                .or_else(|| bundle_not_after.clone()),
+            bundle_not_after,
+        }
+    });
+    let expires_in = conditions.set_credentials_expiry(
+        certificates.as_ref(),
+        sessions.connection.as_ref(),
+        SystemTime::now(),
+    );
+    if expires_in.is_none()
+        && !conditions
+            .previous
+            .iter()
+            .any(|c| c.type_ == CREDENTIALS_EXPIRED && c.status == "True")
+    {
+        ctx.publish(
+            pc,
+            EventType::Warning,
+            CREDENTIALS_EXPIRED,
+            "the agent's client certificate expired; apply a new install bundle in the customer cluster".into(),
+        )
+        .await;
+    }
     let status = ProxiedClusterStatus {
         cluster_id: Some(id),
         observed_generation: pc.metadata.generation,
         conditions: conditions.list,
         token_rotation: Some(trigger),
-        certificates: agent.as_ref().map(|(_, info)| CertificatesStatus {
-            agent_not_after: Timestamp::try_from(info.not_after).ok().map(Time),
-        }),
+        certificates,
         bundle: bundle_ref,
         argocd_secret,
         connection: sessions.connection.clone(),
@@ -712,9 +812,26 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
         .map(|(_, info)| renew_delay(info))
         .unwrap_or(Duration::from_secs(30));
     // A live session that stops being refreshed must turn into
-    // "disconnected" even if nothing else changes.
+    // "disconnected" even if nothing else changes; an expiry must show.
     let recheck = sessions.recheck_in.unwrap_or(RESYNC);
-    Ok(Action::requeue(renew_in.min(recheck).min(RESYNC)))
+    let expiry = expires_in.unwrap_or(RESYNC).max(Duration::from_secs(1));
+    Ok(Action::requeue(
+        renew_in.min(recheck).min(expiry).min(RESYNC),
+    ))
+}
+
+/// The expiry of the certificate the agent presented last: from its newest
+/// session, else as recorded before (sessions are forgotten after a while).
+fn agent_not_after(pc: &ProxiedCluster, connection: Option<&ConnectionStatus>) -> Option<Time> {
+    connection
+        .and_then(|c| c.certificate_not_after.clone())
+        .or_else(|| {
+            let previous = pc.status.as_ref()?.certificates.as_ref()?;
+            // Recorded from a session only if it differs from the bundle's.
+            (previous.agent_not_after != previous.bundle_not_after)
+                .then(|| previous.agent_not_after.clone())
+                .flatten()
+        })
 }
 
 fn renew_delay(info: &CertInfo) -> Duration {
@@ -854,6 +971,83 @@ pub async fn refresh_pki(ctx: Arc<Context>, stop: tokio_util::sync::Cancellation
 mod tests {
     use super::*;
 
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn time(at: SystemTime) -> Option<Time> {
+        Timestamp::try_from(at).ok().map(Time)
+    }
+
+    #[test]
+    fn expired_credentials_show_only_while_the_agent_cannot_connect() {
+        let pc: ProxiedCluster = serde_json::from_value(json!({
+            "apiVersion": "tether.dev/v1alpha1", "kind": "ProxiedCluster",
+            "metadata": {"name": "a", "namespace": "t"}, "spec": {},
+        }))
+        .expect("a ProxiedCluster");
+        let now = SystemTime::now();
+        let certificates = |not_after| CertificatesStatus {
+            agent_not_after: time(not_after),
+            bundle_not_after: time(now + 90 * 24 * HOUR),
+        };
+        let connected = |up| ConnectionStatus {
+            connected: up,
+            ..Default::default()
+        };
+        let verdict = |certs: &CertificatesStatus, up: bool| {
+            let mut conditions = Conditions::new(&pc);
+            let left = conditions.set_credentials_expiry(Some(certs), Some(&connected(up)), now);
+            let condition = conditions.list.pop().expect("set");
+            (left, condition.status, condition.reason)
+        };
+        let valid = certificates(now + HOUR);
+        let (left, status, reason) = verdict(&valid, true);
+        assert_eq!((status.as_str(), reason.as_str()), ("False", "Valid"));
+        assert!(left.is_some_and(|l| l <= HOUR && l > HOUR - Duration::from_secs(5)));
+        let expired = certificates(now - HOUR);
+        assert_eq!(
+            verdict(&expired, false),
+            (None, "True".to_owned(), "Expired".to_owned()),
+            "expired and refused"
+        );
+        assert_eq!(
+            verdict(&expired, true).1,
+            "False",
+            "connected: it presents a newer certificate than the one recorded"
+        );
+    }
+
+    #[test]
+    fn the_presented_expiry_outlives_the_session_that_reported_it() {
+        // Whole seconds, as the API keeps times.
+        let seconds = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_secs();
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(seconds);
+        let presented = time(now + 2 * HOUR);
+        let bundle = time(now + 90 * 24 * HOUR);
+        let pc: ProxiedCluster = serde_json::from_value(json!({
+            "apiVersion": "tether.dev/v1alpha1", "kind": "ProxiedCluster",
+            "metadata": {"name": "a", "namespace": "t"}, "spec": {},
+            "status": {"certificates": {"agentNotAfter": presented, "bundleNotAfter": bundle}},
+        }))
+        .expect("a ProxiedCluster");
+        let session = ConnectionStatus {
+            certificate_not_after: time(now + 3 * HOUR),
+            ..Default::default()
+        };
+        assert_eq!(
+            agent_not_after(&pc, Some(&session)),
+            time(now + 3 * HOUR),
+            "the newest session's"
+        );
+        assert_eq!(
+            agent_not_after(&pc, None),
+            presented,
+            "kept once the sessions are forgotten"
+        );
+    }
+
     #[test]
     fn retries_back_off_exponentially_up_to_five_minutes() {
         let delays: Vec<u64> = (1..=9).map(|n| retry_delay(n).as_secs()).collect();
@@ -872,7 +1066,8 @@ mod tests {
             .expect("a ProxiedCluster")
         };
         let url = Some("wss://tether.example.com");
-        let valid = validate_spec(&pc(serde_json::json!({})), url).expect("defaults are valid");
+        let valid =
+            validate_spec(&pc(serde_json::json!({})), url, HOUR).expect("defaults are valid");
         assert_eq!(valid.cluster_id, "a");
         assert_eq!(valid.public_url, "wss://tether.example.com");
         for (spec, problem) in [
@@ -901,7 +1096,7 @@ mod tests {
                 "spec.certificates.agentDuration must be at least 1h",
             ),
         ] {
-            assert_eq!(validate_spec(&pc(spec), url), Err(problem.to_owned()));
+            assert_eq!(validate_spec(&pc(spec), url, HOUR), Err(problem.to_owned()));
         }
     }
 }

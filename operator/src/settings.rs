@@ -61,6 +61,15 @@ pub struct Settings {
     /// The clusters configuration tether-server loads (token hashes only).
     #[arg(long, env = "CLUSTERS_SECRET", default_value = "tether-clusters")]
     pub clusters_secret: String,
+    /// tether-server's ServiceAccount (in --namespace): the only requester
+    /// whose agent certificate requests (signer tether.dev/agent) are signed.
+    #[arg(long, env = "SERVER_SERVICE_ACCOUNT", default_value = "tether-server")]
+    pub server_service_account: String,
+    /// Shortest agent certificate lifetime a ProxiedCluster may ask for
+    /// (spec.certificates.agentDuration). Lower it only to watch renewal
+    /// happen in a test.
+    #[arg(long, env = "MIN_CERT_DURATION", default_value = "1h", value_parser = parse_duration)]
+    pub min_cert_duration: Duration,
     #[arg(long, env = "CA_DURATION", default_value = "87600h", value_parser = parse_duration)]
     pub ca_duration: Duration,
     #[arg(long, env = "SERVER_CERT_DURATION", default_value = "2160h", value_parser = parse_duration)]
@@ -97,6 +106,14 @@ impl Settings {
         format!(
             "{scheme}://{}.{}.svc:{}/tunnel/{cluster_id}",
             self.internal_service, self.namespace, self.internal_port
+        )
+    }
+
+    /// The user tether-server's requests are made as.
+    pub fn server_username(&self) -> String {
+        format!(
+            "system:serviceaccount:{}:{}",
+            self.namespace, self.server_service_account
         )
     }
 

@@ -392,6 +392,7 @@ async fn first_apply_issues_token_certificate_config_registration_and_bundle() {
             ("BundleReady".into(), "True".into()),
             ("Ready".into(), "True".into()),
             ("AgentConnected".into(), "False".into()),
+            ("AgentCredentialsExpired".into(), "False".into()),
         ]
     );
     assert_eq!(

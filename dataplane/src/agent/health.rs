@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Response, StatusCode};
-use prometheus::{Encoder, IntCounter, IntGauge, Registry, TextEncoder};
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,9 @@ pub struct AgentMetrics {
     pub reconnects: IntCounter,
     pub upstream_requests: IntCounter,
     pub upstream_errors: IntCounter,
+    /// Expiry (Unix seconds) of the client certificate in use.
+    pub certificate_not_after: IntGauge,
+    pub certificate_renewals: IntCounterVec,
 }
 
 impl AgentMetrics {
@@ -48,6 +51,19 @@ impl AgentMetrics {
             "agent_upstream_errors_total",
             "Requests that could not be forwarded (unreadable token, target unreachable, refused target).",
         )?;
+        let certificate_not_after = IntGauge::new(
+            "agent_certificate_not_after_seconds",
+            "Expiry of the client certificate the agent presents, in Unix seconds.",
+        )?;
+        let certificate_renewals = IntCounterVec::new(
+            Opts::new(
+                "agent_certificate_renewals_total",
+                "Certificate renewals over the tunnel, by result: renewed, refused, failed (no answer, unusable certificate), unsaved (in use, not yet stored).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(certificate_not_after.clone()))?;
+        registry.register(Box::new(certificate_renewals.clone()))?;
         registry.register(Box::new(connected.clone()))?;
         registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(reconnects.clone()))?;
@@ -58,6 +74,8 @@ impl AgentMetrics {
             connected,
             sessions,
             reconnects,
+            certificate_not_after,
+            certificate_renewals,
             upstream_requests,
             upstream_errors,
         })

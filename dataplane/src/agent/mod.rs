@@ -3,6 +3,8 @@
 //! agent's own ServiceAccount token.
 
 mod health;
+mod renewal;
+mod store;
 mod upstream;
 
 use std::net::SocketAddr;
@@ -58,9 +60,22 @@ pub struct AgentArgs {
         long,
         env = "TOKEN",
         hide_env_values = true,
-        conflicts_with = "token_file"
+        conflicts_with_all = ["token_file", "credentials_dir"]
     )]
     pub token: Option<String>,
+    /// Directory holding `token`, `tls.crt`, `tls.key` and `ca.crt` (a
+    /// mounted Secret, or files). With it the agent renews its certificate
+    /// over the tunnel and, unless --credentials-secret is given, rewrites
+    /// the directory atomically.
+    #[arg(long, env = "CREDENTIALS_DIR", conflicts_with_all = ["token_file", "client_cert", "client_key"])]
+    pub credentials_dir: Option<PathBuf>,
+    /// In a cluster: the Secret (in --credentials-secret-namespace) the
+    /// credentials directory is mounted from; renewed credentials are
+    /// written to it through the API, so a restarted pod starts with them.
+    #[arg(long, env = "CREDENTIALS_SECRET", requires = "credentials_dir")]
+    pub credentials_secret: Option<String>,
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tether-agent")]
+    pub credentials_secret_namespace: String,
     /// File holding the agent token; re-read at every connection attempt.
     #[arg(long, env = "TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
@@ -118,6 +133,40 @@ pub struct AgentArgs {
     pub protocol: String,
 }
 
+impl AgentArgs {
+    fn in_credentials_dir(&self, file: &str) -> Option<PathBuf> {
+        self.credentials_dir
+            .as_ref()
+            .map(|dir| crate::credentials::CredentialsDir::new(dir).path(file))
+    }
+
+    fn token_path(&self) -> Option<PathBuf> {
+        self.token_file
+            .clone()
+            .or_else(|| self.in_credentials_dir(crate::credentials::TOKEN_FILE))
+    }
+
+    /// The CA of tether-server's certificate: `--server-ca-cert`, else the
+    /// credentials directory's `ca.crt` when there is one.
+    fn server_ca(&self) -> Option<PathBuf> {
+        self.server_ca_cert.clone().or_else(|| {
+            self.in_credentials_dir(crate::credentials::CA_FILE)
+                .filter(|path| path.exists())
+        })
+    }
+
+    /// The client certificate and key files.
+    fn client_identity(&self) -> Option<(PathBuf, PathBuf)> {
+        match (&self.client_cert, &self.client_key) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            _ => Some((
+                self.in_credentials_dir(crate::credentials::CERT_FILE)?,
+                self.in_credentials_dir(crate::credentials::KEY_FILE)?,
+            )),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("--server {0:?} is not a ws:// or wss:// URL")]
@@ -140,6 +189,8 @@ pub enum AgentError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("client certificate: {0}")]
+    Certificate(String),
 }
 
 /// Where and how to reach tether-server.
@@ -147,7 +198,26 @@ struct ServerEndpoint {
     host: String,
     port: u16,
     path: String,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    tls: Option<EndpointTls>,
+}
+
+struct EndpointTls {
+    roots: rustls::RootCertStore,
+    name: ServerName<'static>,
+    /// Replaced when the client certificate is renewed.
+    connector: std::sync::RwLock<TlsConnector>,
+}
+
+fn tls_connector(
+    roots: rustls::RootCertStore,
+    identity: Option<(
+        Vec<rustls::pki_types::CertificateDer<'static>>,
+        rustls::pki_types::PrivateKeyDer<'static>,
+    )>,
+) -> Result<TlsConnector, TlsError> {
+    let mut config = tls::client_config(roots, identity)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 impl ServerEndpoint {
@@ -171,20 +241,23 @@ impl ServerEndpoint {
             path => path.to_owned(),
         };
         let tls = if secure {
-            let roots = match &args.server_ca_cert {
-                Some(path) => tls::load_roots(path)?,
+            let roots = match args.server_ca() {
+                Some(path) => tls::load_roots(&path)?,
                 None => rustls::RootCertStore {
                     roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
                 },
             };
-            let identity = match (&args.client_cert, &args.client_key) {
-                (Some(cert), Some(key)) => Some((tls::load_certs(cert)?, tls::load_key(key)?)),
-                _ => None,
+            let identity = match args.client_identity() {
+                Some((cert, key)) => Some((tls::load_certs(&cert)?, tls::load_key(&key)?)),
+                None => None,
             };
-            let mut config = tls::client_config(roots, identity)?;
-            config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let connector = tls_connector(roots.clone(), identity)?;
             let name = ServerName::try_from(host.clone()).map_err(|_| bad())?;
-            Some((TlsConnector::from(Arc::new(config)), name))
+            Some(EndpointTls {
+                roots,
+                name,
+                connector: std::sync::RwLock::new(connector),
+            })
         } else {
             None
         };
@@ -194,6 +267,17 @@ impl ServerEndpoint {
             path,
             tls,
         })
+    }
+
+    /// Presents this certificate and key from the next connection on.
+    fn set_identity(&self, cert_pem: &str, key_pem: &str) -> Result<(), TlsError> {
+        let Some(tls) = &self.tls else {
+            return Ok(());
+        };
+        let identity = tls::identity_from_pem(cert_pem.as_bytes(), key_pem.as_bytes())?;
+        let connector = tls_connector(tls.roots.clone(), Some(identity))?;
+        *tls.connector.write().unwrap_or_else(|p| p.into_inner()) = connector;
+        Ok(())
     }
 
     async fn dial(
@@ -211,9 +295,14 @@ impl ServerEndpoint {
         .map_err(|err| DialError::Failed(format!("connect failed: {err}")))?;
         let _ = tcp.set_nodelay(true);
         let io = match &self.tls {
-            Some((connector, name)) => {
+            Some(tls) => {
+                let connector = tls
+                    .connector
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
                 let stream =
-                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(name.clone(), tcp))
+                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(tls.name.clone(), tcp))
                         .await
                         .map_err(|_| DialError::Failed("TLS handshake timed out".to_owned()))?
                         .map_err(|err| DialError::Failed(format!("TLS handshake failed: {err}")))?;
@@ -246,11 +335,9 @@ fn read_token(args: &AgentArgs) -> Result<String, AgentError> {
     if let Some(token) = &args.token {
         return Ok(token.trim().to_owned());
     }
-    let path = args.token_file.as_ref().ok_or(AgentError::NoToken)?;
-    let token = std::fs::read_to_string(path).map_err(|source| AgentError::TokenFile {
-        path: path.clone(),
-        source,
-    })?;
+    let path = args.token_path().ok_or(AgentError::NoToken)?;
+    let token =
+        std::fs::read_to_string(&path).map_err(|source| AgentError::TokenFile { path, source })?;
     let token = token.trim().to_owned();
     if token.is_empty() {
         return Err(AgentError::NoToken);
@@ -282,17 +369,26 @@ impl Agent {
     /// Validates the configuration, binds the health port and starts the
     /// connection loop.
     pub async fn start(args: AgentArgs) -> Result<Self, AgentError> {
-        let endpoint = ServerEndpoint::from_args(&args)?;
+        let endpoint = Arc::new(ServerEndpoint::from_args(&args)?);
         read_token(&args)?;
         let metrics = Arc::new(AgentMetrics::new()?);
         let upstream = Arc::new(upstream::Upstream::new(&args, metrics.clone())?);
         let stop = CancellationToken::new();
         let health_addr = health::serve(args.health_addr, metrics.clone(), stop.clone()).await?;
+        let (credentials_tx, messages) = tokio::sync::mpsc::channel(8);
+        let (sessions_tx, sessions) = tokio::sync::watch::channel(Vec::new());
+        if let Some(renewal) = renewal(&args, &endpoint, &upstream, &metrics)? {
+            tokio::spawn(renewal.run(renewal::Channel { messages, sessions }, stop.clone()));
+        }
         let task = tokio::spawn(run(
             args.clone(),
             endpoint,
             upstream,
             metrics.clone(),
+            Links {
+                sessions: sessions_tx,
+                credentials: credentials_tx,
+            },
             stop.clone(),
         ));
         Ok(Self {
@@ -319,6 +415,63 @@ impl Agent {
     }
 }
 
+/// Certificate renewal, when the agent has a credentials directory with a
+/// client certificate in it.
+fn renewal(
+    args: &AgentArgs,
+    endpoint: &Arc<ServerEndpoint>,
+    upstream: &Arc<upstream::Upstream>,
+    metrics: &Arc<AgentMetrics>,
+) -> Result<Option<renewal::Renewal<store::AgentKeeper>>, AgentError> {
+    let Some(dir) = &args.credentials_dir else {
+        if args.client_cert.is_some() {
+            info!(
+                "certificate renewal needs --credentials-dir; this certificate is used until it expires"
+            );
+        }
+        return Ok(None);
+    };
+    let dir = crate::credentials::CredentialsDir::new(dir);
+    let Ok(pem) = std::fs::read_to_string(dir.path(crate::credentials::CERT_FILE)) else {
+        return Ok(None);
+    };
+    let current = crate::pki::CertInfo::from_pem(&pem)
+        .map_err(|err| AgentError::Certificate(err.to_string()))?;
+    let cluster = current
+        .cluster
+        .clone()
+        .ok_or_else(|| AgentError::Certificate("it names no cluster".into()))?;
+    if current.not_after <= std::time::SystemTime::now() {
+        tracing::error!(not_after = ?current.not_after,
+            "the client certificate has EXPIRED: tether-server will refuse this agent; apply a new install bundle to recover");
+    }
+    let store = match &args.credentials_secret {
+        Some(name) => store::Store::Secret {
+            upstream: upstream.clone(),
+            namespace: args.credentials_secret_namespace.clone(),
+            name: name.clone(),
+        },
+        None => store::Store::Dir(dir),
+    };
+    Ok(Some(renewal::Renewal {
+        cluster,
+        current,
+        keeper: store::AgentKeeper {
+            store,
+            endpoint: endpoint.clone(),
+        },
+        metrics: metrics.clone(),
+        clock: renewal::Clock::System,
+    }))
+}
+
+/// What the connection loop shares with certificate renewal: the sessions
+/// it holds, and the credentials messages they receive.
+struct Links {
+    sessions: tokio::sync::watch::Sender<Vec<Session>>,
+    credentials: tokio::sync::mpsc::Sender<crate::credentials::Message>,
+}
+
 /// A session's end, as its task reports it to the connection loop.
 struct SessionEnd {
     replica: String,
@@ -333,6 +486,8 @@ enum SessionNews {
     Ended(SessionEnd),
     /// A replica announced the live replicas.
     Replicas(Vec<String>),
+    /// A credentials message from a server (for certificate renewal).
+    Credentials(crate::credentials::Message),
 }
 
 /// A random id for this agent process: servers refuse its second session
@@ -347,11 +502,17 @@ fn new_instance_id() -> String {
 /// servers announce are all held; a session that ends is replaced.
 async fn run(
     args: AgentArgs,
-    endpoint: ServerEndpoint,
+    endpoint: Arc<ServerEndpoint>,
     upstream: Arc<upstream::Upstream>,
     metrics: Arc<AgentMetrics>,
+    links: Links,
     stop: CancellationToken,
 ) {
+    let publish = |held: &std::collections::HashMap<String, (u64, Session)>| {
+        links
+            .sessions
+            .send_replace(held.values().map(|(_, s)| s.clone()).collect());
+    };
     let offer_v2 = args.protocol == "v2";
     // Replicas frames are v2: a v1 agent holds a single session.
     let instance = offer_v2.then(new_instance_id);
@@ -375,6 +536,10 @@ async fn run(
                 return;
             }
             Some(event) = news.recv() => match event {
+                // Without renewal nobody listens: the message is dropped.
+                SessionNews::Credentials(message) => {
+                    let _ = links.credentials.try_send(message);
+                }
                 SessionNews::Replicas(replicas) => {
                     if replicas != wanted {
                         info!(replicas = ?replicas, held = ?held.keys().collect::<Vec<_>>(), "server replicas changed");
@@ -384,6 +549,7 @@ async fn run(
                 SessionNews::Ended(end) => {
                     if held.get(&end.replica).is_some_and(|(g, _)| *g == end.generation) {
                         held.remove(&end.replica);
+                        publish(&held);
                     }
                     metrics.reconnects.inc();
                     if end.healthy || end.going_away {
@@ -429,6 +595,7 @@ async fn run(
                         if let Some((_, replaced)) = held.insert(replica.clone(), (generation, session.clone())) {
                             replaced.close("replaced by a newer session to the same replica");
                         }
+                        publish(&held);
                         tokio::spawn(serve_session(
                             replica,
                             generation,
@@ -499,6 +666,7 @@ async fn serve_session(
 ) {
     let started = Instant::now();
     let mut replicas = session.replicas();
+    let mut credential_messages = session.take_credentials();
     let mut incoming = incoming;
     let mut going_away = false;
     let report = |going_away: bool| {
@@ -528,6 +696,15 @@ async fn serve_session(
                     let _ = news.send(SessionNews::Replicas(list));
                 }
             }
+            Some(payload) = async {
+                match credential_messages.as_mut() {
+                    Some(messages) => messages.recv().await,
+                    None => None,
+                }
+            } => match crate::credentials::Message::decode(&payload) {
+                Ok(message) => { let _ = news.send(SessionNews::Credentials(message)); }
+                Err(err) => warn!(%replica, error = %err, "malformed credentials message from the server"),
+            },
             next = async {
                 match incoming.as_mut() {
                     Some(streams) => streams.recv().await,

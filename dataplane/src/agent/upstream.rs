@@ -90,33 +90,66 @@ impl Upstream {
         self.metrics.upstream_errors.inc();
     }
 
-    async fn forward(&self, mut request: Request<Incoming>) -> Response<Body> {
-        self.metrics.upstream_requests.inc();
-        // Read for every request: projected tokens are rotated on disk.
+    /// The agent's own `Authorization` value. Read for every request:
+    /// projected tokens are rotated on disk.
+    async fn bearer(&self) -> Result<HeaderValue, &'static str> {
         let token = match tokio::fs::read_to_string(&self.sa_token_path).await {
             Ok(token) if !token.trim().is_empty() => token,
             Ok(_) | Err(_) => {
                 warn!(path = %self.sa_token_path.display(), "cannot read the ServiceAccount token");
-                self.count_error();
-                return kube_status(
-                    StatusCode::BAD_GATEWAY,
-                    "ServiceUnavailable",
-                    "tether-agent cannot read its ServiceAccount token",
-                );
+                return Err("tether-agent cannot read its ServiceAccount token");
             }
         };
-        let bearer = match HeaderValue::from_str(&format!("Bearer {}", token.trim())) {
-            Ok(mut value) => {
-                value.set_sensitive(true);
-                value
-            }
-            Err(_) => {
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| "tether-agent's ServiceAccount token is not a valid header value")?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
+    /// A request of the agent's own to its API server (storing renewed
+    /// credentials): the status and the whole body, at most 1 MiB.
+    pub(super) async fn call(
+        &self,
+        method: http::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(StatusCode, bytes::Bytes), String> {
+        let bearer = self.bearer().await?;
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header(header::AUTHORIZATION, bearer)
+            .header(header::ACCEPT, "application/json");
+        if body.is_some() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = request
+            .body(match body {
+                Some(body) => crate::http::full(body),
+                None => crate::http::empty(),
+            })
+            .map_err(|err| err.to_string())?;
+        let response = self
+            .client
+            .request(request)
+            .await
+            .map_err(|err| err.to_string())?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), 1 << 20)
+            .collect()
+            .await
+            .map_err(|err| err.to_string())?
+            .to_bytes();
+        Ok((status, body))
+    }
+
+    async fn forward(&self, mut request: Request<Incoming>) -> Response<Body> {
+        self.metrics.upstream_requests.inc();
+        let bearer = match self.bearer().await {
+            Ok(bearer) => bearer,
+            Err(message) => {
                 self.count_error();
-                return kube_status(
-                    StatusCode::BAD_GATEWAY,
-                    "ServiceUnavailable",
-                    "tether-agent's ServiceAccount token is not a valid header value",
-                );
+                return kube_status(StatusCode::BAD_GATEWAY, "ServiceUnavailable", message);
             }
         };
         // Impersonation was already allowed or stripped by tether-server.

@@ -39,6 +39,9 @@ use crate::protocol::{
 /// Frames (of at most 64 KiB) the shared data queue holds: with the control
 /// queue limit this bounds what a session buffers for sending.
 const DATA_QUEUE_FRAMES: usize = 64;
+
+/// Credentials messages (of at most 1 MiB) received and not yet handled.
+const CREDENTIALS_QUEUE: usize = 4;
 /// Control frames queued for a peer that does not read: past this the peer
 /// is flooding us without consuming replies, and the session is closed.
 const CONTROL_QUEUE_LIMIT: usize = 4096;
@@ -170,6 +173,9 @@ pub(crate) struct Shared {
     peer_going_away: CancellationToken,
     /// The replicas the server last announced (agent side).
     replicas: tokio::sync::watch::Sender<Option<Vec<String>>>,
+    /// Credentials messages from the peer, for whoever took the receiver.
+    credentials_tx: mpsc::Sender<Bytes>,
+    credentials_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
     protocol_errors: AtomicU32,
     epoch: Instant,
     last_seen_ms: AtomicU64,
@@ -193,6 +199,7 @@ impl Session {
     {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE_FRAMES);
+        let (credentials_tx, credentials_rx) = mpsc::channel(CREDENTIALS_QUEUE);
         let (incoming_tx, incoming_rx) = match cfg.role {
             Role::Acceptor => {
                 let (tx, rx) = mpsc::channel(cfg.max_streams.max(1));
@@ -212,6 +219,8 @@ impl Session {
             local_going_away: AtomicBool::new(false),
             peer_going_away: CancellationToken::new(),
             replicas: tokio::sync::watch::channel(None).0,
+            credentials_tx,
+            credentials_rx: Mutex::new(Some(credentials_rx)),
             protocol_errors: AtomicU32::new(0),
             epoch: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
@@ -341,6 +350,23 @@ impl Session {
                 Bytes::from(replicas.join(",")),
             ));
         }
+    }
+
+    /// v2: sends a credentials message (see `credentials::Message`).
+    pub fn send_credentials(&self, message: Bytes) {
+        if self.shared.cfg.version == Version::V2 {
+            self.shared
+                .send_control(Frame::new(FrameType::Credentials, SESSION_STREAM, message));
+        }
+    }
+
+    /// The credentials messages the peer sends; `None` after the first call.
+    pub fn take_credentials(&self) -> Option<mpsc::Receiver<Bytes>> {
+        self.shared
+            .credentials_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Agent side: the replicas the server announced last (`None` until it
@@ -475,7 +501,11 @@ impl Shared {
         let id = frame.stream;
         let session_level = matches!(
             frame.kind,
-            FrameType::Ping | FrameType::Pong | FrameType::GoAway | FrameType::Replicas
+            FrameType::Ping
+                | FrameType::Pong
+                | FrameType::GoAway
+                | FrameType::Replicas
+                | FrameType::Credentials
         );
         if session_level != (id == SESSION_STREAM) {
             let error = format!("{:?} frame on stream {id}", frame.kind);
@@ -502,6 +532,13 @@ impl Shared {
                     .collect();
                 debug!(session = %self.cfg.label, replicas = ?names, "server announced replicas");
                 self.replicas.send_replace(Some(names));
+            }
+            FrameType::Credentials => {
+                // Bounded: a peer flooding credentials messages loses them,
+                // never grows our memory.
+                if self.credentials_tx.try_send(frame.payload).is_err() {
+                    warn!(session = %self.cfg.label, "credentials message dropped: too many pending");
+                }
             }
             FrameType::Connect => self.on_connect(frame, incoming),
             FrameType::Connected => self.on_connected(id),

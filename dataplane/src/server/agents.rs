@@ -104,6 +104,12 @@ pub(super) async fn connect(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.chars().take(64).collect())
         .unwrap_or_else(|| "unknown".to_owned());
+    // The certificate the agent presented: its expiry is what status shows.
+    let certificate_not_after = conn
+        .client_certificate
+        .as_ref()
+        .and_then(|cert| crate::pki::CertInfo::from_der(cert).ok())
+        .map(|info| info.not_after);
     let cluster_id = cluster.id.clone();
     let token_sha256 = cluster.token_sha256();
     let remote = conn.remote;
@@ -120,6 +126,11 @@ pub(super) async fn connect(
         config.keepalive_interval = state.args.keepalive_interval;
         config.keepalive_timeout = state.args.keepalive_timeout;
         let (session, _) = Session::start(socket, config);
+        tokio::spawn(super::signing::serve(
+            state.clone(),
+            cluster_id.clone(),
+            session.clone(),
+        ));
         let generation = state.tunnels.next_generation();
         let reported_version = agent_version.clone();
         info!(cluster = %cluster_id, %remote, protocol = version.as_str(),
@@ -141,6 +152,7 @@ pub(super) async fn connect(
             agent_version: reported_version,
             remote: remote.to_string(),
             since: SystemTime::now(),
+            certificate_not_after,
         });
         session.closed().await;
         if state.tunnels.remove_if_current(&cluster_id, generation) {

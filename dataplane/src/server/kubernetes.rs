@@ -107,6 +107,8 @@ pub(crate) enum ConnectionEvent {
         agent_version: String,
         remote: String,
         since: SystemTime,
+        /// Expiry of the client certificate the agent presented.
+        certificate_not_after: Option<SystemTime>,
     },
     Down {
         cluster: String,
@@ -226,12 +228,14 @@ async fn write(
             agent_version,
             remote,
             since,
+            certificate_not_after,
             ..
         } => json!({
             "connected": true,
             "since": rfc3339(*since),
             "agentVersion": agent_version,
             "remoteAddress": remote,
+            "certificateNotAfter": certificate_not_after.map(rfc3339),
             "lastSeen": now,
             "liveReplicas": state.peers.live_replicas(state.draining.is_cancelled()),
         }),

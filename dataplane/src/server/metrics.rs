@@ -25,6 +25,8 @@ pub struct ServerMetrics {
     pub auth_rate_limited: IntCounter,
     /// Requests this replica sent to a peer, by result (`ok`, `error`).
     pub forwarded: IntCounterVec,
+    /// Agent certificate requests, by result.
+    pub certificate_requests: IntCounterVec,
 }
 
 impl ServerMetrics {
@@ -96,6 +98,14 @@ impl ServerMetrics {
             &["result"],
         )?;
         registry.register(Box::new(forwarded.clone()))?;
+        let certificate_requests = IntCounterVec::new(
+            Opts::new(
+                "agent_certificate_requests_total",
+                "Agent certificate renewals asked over a tunnel, by result: signed, refused (identity or usage not the cluster's), denied (by the signer), throttled, malformed, unavailable (no signer), failed.",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(certificate_requests.clone()))?;
         Ok(Self {
             registry,
             requests,
@@ -108,6 +118,7 @@ impl ServerMetrics {
             identity_mismatches,
             auth_rate_limited,
             forwarded,
+            certificate_requests,
         })
     }
 

@@ -9,6 +9,7 @@ pub mod peers;
 mod proxy;
 mod ratelimit;
 pub mod registry;
+pub mod signing;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -139,6 +140,20 @@ pub struct ServerArgs {
     /// How often the clusters file and TLS files are checked for changes.
     #[arg(long, env = "RELOAD_INTERVAL", default_value = "1s", value_parser = parse_duration)]
     pub reload_interval: Duration,
+    /// Standalone renewal of agent certificates: the CA that signs them
+    /// (PEM). In Kubernetes, leave unset: tether-operator signs
+    /// CertificateSigningRequests this server creates.
+    #[arg(long, env = "SIGNER_CA_CERT", requires = "signer_ca_key")]
+    pub signer_ca_cert: Option<PathBuf>,
+    /// The signing CA's private key (PEM).
+    #[arg(long, env = "SIGNER_CA_KEY", requires = "signer_ca_cert")]
+    pub signer_ca_key: Option<PathBuf>,
+    /// Lifetime of agent certificates signed with --signer-ca-cert.
+    #[arg(long, env = "AGENT_CERT_DURATION", default_value = "2160h", value_parser = parse_duration)]
+    pub agent_cert_duration: Duration,
+    /// How long to wait for tether-operator to sign a renewal.
+    #[arg(long, env = "SIGNING_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
+    pub signing_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +173,8 @@ pub enum StartError {
     Kube(#[from] kube::Error),
     #[error("peers: {0}")]
     Peers(#[from] peers::PeerError),
+    #[error("signer CA: {0}")]
+    SignerCa(String),
 }
 
 /// State shared by both ports.
@@ -181,6 +198,8 @@ pub(crate) struct ServerState {
     mtls: bool,
     /// Where connection changes go, when status reporting is on.
     reporter: Option<tokio::sync::mpsc::UnboundedSender<kubernetes::ConnectionEvent>>,
+    /// Who signs agent certificate renewals.
+    signer: signing::Signer,
 }
 
 impl ServerState {
@@ -338,6 +357,7 @@ impl RunningServer {
             (Some(service), Some(client)) => Some((service.clone(), client.clone())),
             _ => None,
         };
+        let signer = signer(&args, client.as_ref())?;
         let kube = match (&args.clusters_secret, client) {
             (Some(secret), Some(client)) => Some((secret.clone(), client)),
             _ => None,
@@ -351,6 +371,7 @@ impl RunningServer {
         };
         let state = Arc::new(ServerState {
             reporter,
+            signer,
             limiter: ratelimit::RateLimiter::new(args.rate_limit, args.rate_limit),
             auth_failures: ratelimit::RateLimiter::new(
                 args.auth_failure_rate,
@@ -487,6 +508,31 @@ impl RunningServer {
 }
 
 type Routes = fn(Arc<ServerState>, Arc<ConnInfo>, Request<Incoming>) -> proxy::BoxFuture;
+
+/// The signer of agent certificate renewals: a CA on disk when given, else
+/// tether-operator through the Kubernetes API when there is one, else none
+/// (agents are told, and keep their certificate until it expires).
+fn signer(args: &ServerArgs, client: Option<&kube::Client>) -> Result<signing::Signer, StartError> {
+    if let (Some(cert), Some(key)) = (&args.signer_ca_cert, &args.signer_ca_key) {
+        let read = |path: &PathBuf| {
+            std::fs::read_to_string(path)
+                .map_err(|err| StartError::SignerCa(format!("{}: {err}", path.display())))
+        };
+        let ca = crate::pki::CertificateAuthority::from_pem(&read(cert)?, &read(key)?)
+            .map_err(|err| StartError::SignerCa(err.to_string()))?;
+        return Ok(signing::Signer::Local {
+            ca: Box::new(ca),
+            validity: args.agent_cert_duration,
+        });
+    }
+    Ok(match client {
+        Some(client) => signing::Signer::Kubernetes {
+            client: client.clone(),
+            timeout: args.signing_timeout,
+        },
+        None => signing::Signer::None,
+    })
+}
 
 fn service(
     state: Arc<ServerState>,
