@@ -1,6 +1,8 @@
 //! The clusters tether-server accepts: who may connect, with which token,
 //! and which address its agent may dial.
 
+use std::time::SystemTime;
+
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
@@ -34,6 +36,14 @@ pub enum ConfigError {
     BadTarget { id: String, addr: String },
     #[error("cluster {id:?}: resource {resource:?} is not namespace/name")]
     BadResource { id: String, resource: String },
+    #[error(
+        "cluster {id:?}: previousTokenSha256 needs previousTokenExpires (RFC 3339), and the reverse"
+    )]
+    PreviousToken { id: String },
+    #[error("cluster {id:?}: pendingToken does not match tokenSha256")]
+    PendingToken { id: String },
+    #[error("cluster {id:?}: {field} is not an RFC 3339 time")]
+    BadTime { id: String, field: &'static str },
 }
 
 #[derive(Deserialize)]
@@ -50,16 +60,48 @@ struct Entry {
     /// the connection status (set by the operator).
     #[serde(default)]
     resource: Option<String>,
+    /// A rotated-out token, still accepted until `previousTokenExpires`.
+    #[serde(default)]
+    previous_token_sha256: Option<String>,
+    #[serde(default)]
+    previous_token_expires: Option<String>,
+    /// The new token, while it is being delivered to the agent over the
+    /// tunnel (the operator removes it once the agent uses it).
+    #[serde(default)]
+    pending_token: Option<String>,
+    /// A requested certificate rotation the agent has not done yet.
+    #[serde(default)]
+    certificate_rotation: Option<String>,
+    /// Client certificates that start before this are refused (they
+    /// predate a completed rotation).
+    #[serde(default)]
+    certificates_not_before: Option<String>,
 }
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Cluster {
     pub id: String,
     token_sha256: [u8; 32],
+    /// A rotated-out token and until when it is still accepted.
+    previous_token: Option<([u8; 32], SystemTime)>,
+    /// Secret: the new token, to deliver to an agent still on the previous one.
+    pending_token: Option<String>,
     /// The only `host:port` this cluster's agent is asked to dial.
     pub target_addr: String,
     /// The ProxiedCluster (namespace, name) whose status tracks this cluster.
     pub resource: Option<(String, String)>,
+    /// A certificate rotation the agent is asked to make.
+    pub certificate_rotation: Option<String>,
+    /// Client certificates starting before this are refused.
+    pub certificates_not_before: Option<SystemTime>,
+}
+
+/// Which of a cluster's tokens an agent presented.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenUse {
+    Current,
+    /// The rotated-out one, accepted until the instant given.
+    Previous(SystemTime),
 }
 
 impl std::fmt::Debug for Cluster {
@@ -68,6 +110,7 @@ impl std::fmt::Debug for Cluster {
             .field("id", &self.id)
             .field("target_addr", &self.target_addr)
             .field("resource", &self.resource)
+            .field("certificate_rotation", &self.certificate_rotation)
             .finish_non_exhaustive()
     }
 }
@@ -77,9 +120,55 @@ impl Cluster {
         self.token_sha256
     }
 
-    pub fn token_matches(&self, token_sha256: &[u8; 32]) -> bool {
-        self.token_sha256.ct_eq(token_sha256).into()
+    /// Whether a session authenticated with `token_sha256` may go on at `now`.
+    pub fn token_matches(&self, token_sha256: &[u8; 32], now: SystemTime) -> bool {
+        self.token_use(token_sha256, now).is_some()
     }
+
+    /// Which token `token_sha256` is, if any is accepted at `now`. Both are
+    /// compared in constant time.
+    pub fn token_use(&self, token_sha256: &[u8; 32], now: SystemTime) -> Option<TokenUse> {
+        let current: bool = self.token_sha256.ct_eq(token_sha256).into();
+        let previous = self.previous_token.and_then(|(hash, until)| {
+            let matches: bool = hash.ct_eq(token_sha256).into();
+            (matches && now < until).then_some(TokenUse::Previous(until))
+        });
+        if current {
+            Some(TokenUse::Current)
+        } else {
+            previous
+        }
+    }
+
+    /// The token to hand to an agent that authenticated with the previous
+    /// one. Secret: never log it.
+    pub fn pending_token(&self) -> Option<&str> {
+        self.pending_token.as_deref()
+    }
+}
+
+fn parse_time(
+    value: Option<String>,
+    id: &str,
+    field: &'static str,
+) -> Result<Option<SystemTime>, ConfigError> {
+    value
+        .map(|v| {
+            v.parse::<k8s_openapi::jiff::Timestamp>()
+                .map(SystemTime::from)
+                .map_err(|_| ConfigError::BadTime {
+                    id: id.to_owned(),
+                    field,
+                })
+        })
+        .transpose()
+}
+
+fn parse_hash(hash: &str, id: &str) -> Result<[u8; 32], ConfigError> {
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(hash.trim(), &mut bytes)
+        .map_err(|_| ConfigError::BadTokenHash { id: id.to_owned() })?;
+    Ok(bytes)
 }
 
 /// A validated set of clusters.
@@ -128,20 +217,15 @@ impl Clusters {
             if clusters.iter().any(|c| c.id == id) {
                 return Err(ConfigError::DuplicateId { id });
             }
-            let token_sha256 = match (entry.token, entry.token_sha256) {
+            let hash = match (entry.token, entry.token_sha256) {
                 (Some(token), None) if token.is_empty() => {
                     return Err(ConfigError::EmptyToken { id });
                 }
                 (Some(token), None) => token_sha256(&token),
-                (None, Some(hash)) => {
-                    let mut bytes = [0u8; 32];
-                    hex::decode_to_slice(hash.trim(), &mut bytes)
-                        .map_err(|_| ConfigError::BadTokenHash { id: id.clone() })?;
-                    bytes
-                }
+                (None, Some(hash)) => parse_hash(&hash, &id)?,
                 _ => return Err(ConfigError::TokenChoice { id }),
             };
-            if let Some(other) = clusters.iter().find(|c| c.token_sha256 == token_sha256) {
+            if let Some(other) = clusters.iter().find(|c| c.token_sha256 == hash) {
                 return Err(ConfigError::DuplicateToken {
                     first: other.id.clone(),
                     second: id,
@@ -167,11 +251,32 @@ impl Clusters {
                     _ => return Err(ConfigError::BadResource { id, resource }),
                 },
             };
+            let previous_token = match (
+                entry.previous_token_sha256,
+                parse_time(entry.previous_token_expires, &id, "previousTokenExpires")?,
+            ) {
+                (Some(hash), Some(until)) => Some((parse_hash(&hash, &id)?, until)),
+                (None, None) => None,
+                _ => return Err(ConfigError::PreviousToken { id }),
+            };
+            if entry
+                .pending_token
+                .as_deref()
+                .is_some_and(|token| token_sha256(token) != hash)
+            {
+                return Err(ConfigError::PendingToken { id });
+            }
+            let certificates_not_before =
+                parse_time(entry.certificates_not_before, &id, "certificatesNotBefore")?;
             clusters.push(Cluster {
                 id,
-                token_sha256,
+                token_sha256: hash,
+                previous_token,
+                pending_token: entry.pending_token,
                 target_addr,
                 resource,
+                certificate_rotation: entry.certificate_rotation.filter(|r| !r.is_empty()),
+                certificates_not_before,
             });
         }
         Ok(Self { clusters })
@@ -180,16 +285,19 @@ impl Clusters {
     /// The cluster `token` belongs to. Every configured hash is compared in
     /// constant time, with no early exit, so timing tells nothing about
     /// which (or whether a) cluster matched.
-    pub fn authenticate(&self, token: &str) -> Option<&Cluster> {
+    pub fn authenticate(&self, token: &str, now: SystemTime) -> Option<(&Cluster, TokenUse)> {
         let presented = token_sha256(token);
         let mut found: u32 = 0; // index + 1; 0 = none
         for (index, cluster) in self.clusters.iter().enumerate() {
             let candidate = index as u32 + 1;
-            found.conditional_assign(&candidate, cluster.token_sha256.ct_eq(&presented));
+            let accepted =
+                subtle::Choice::from(u8::from(cluster.token_use(&presented, now).is_some()));
+            found.conditional_assign(&candidate, accepted);
         }
-        found
+        let cluster = found
             .checked_sub(1)
-            .and_then(|index| self.clusters.get(index as usize))
+            .and_then(|index| self.clusters.get(index as usize))?;
+        Some((cluster, cluster.token_use(&presented, now)?))
     }
 
     pub fn get(&self, id: &str) -> Option<&Cluster> {
@@ -230,16 +338,58 @@ mod tests {
             clusters.get("beta").expect("beta").target_addr,
             DEFAULT_TARGET
         );
+        let now = SystemTime::now();
         assert_eq!(
-            clusters.authenticate("alpha-token").map(|c| c.id.as_str()),
-            Some("alpha")
+            clusters
+                .authenticate("alpha-token", now)
+                .map(|(c, u)| (c.id.as_str(), u)),
+            Some(("alpha", TokenUse::Current))
         );
         assert_eq!(
-            clusters.authenticate("beta-token").map(|c| c.id.as_str()),
+            clusters
+                .authenticate("beta-token", now)
+                .map(|(c, _)| c.id.as_str()),
             Some("beta")
         );
-        assert!(clusters.authenticate("wrong").is_none());
-        assert!(clusters.authenticate("").is_none());
+        assert!(clusters.authenticate("wrong", now).is_none());
+        assert!(clusters.authenticate("", now).is_none());
+    }
+
+    #[test]
+    fn a_rotated_token_is_accepted_until_its_overlap_ends() {
+        let old = hex::encode(token_sha256("old-token"));
+        let json = format!(
+            r#"[{{"id":"a","token":"new-token","previousTokenSha256":"{old}",
+                "previousTokenExpires":"2030-01-01T00:10:00Z","pendingToken":"new-token",
+                "certificateRotation":"r1","certificatesNotBefore":"2030-01-01T00:00:00Z"}}]"#
+        );
+        let clusters = Clusters::parse(&json).expect("valid");
+        let before: SystemTime = "2030-01-01T00:09:59Z"
+            .parse::<k8s_openapi::jiff::Timestamp>()
+            .expect("time")
+            .into();
+        let after = before + std::time::Duration::from_secs(2);
+        let until: SystemTime = before + std::time::Duration::from_secs(1);
+        assert_eq!(
+            clusters.authenticate("old-token", before).map(|(_, u)| u),
+            Some(TokenUse::Previous(until))
+        );
+        assert!(
+            clusters.authenticate("old-token", after).is_none(),
+            "refused after the overlap"
+        );
+        assert_eq!(
+            clusters.authenticate("new-token", after).map(|(_, u)| u),
+            Some(TokenUse::Current)
+        );
+        let cluster = clusters.get("a").expect("a");
+        assert_eq!(cluster.pending_token(), Some("new-token"));
+        assert_eq!(cluster.certificate_rotation.as_deref(), Some("r1"));
+        assert!(cluster.certificates_not_before.is_some());
+        assert!(
+            !format!("{clusters:?}").contains("new-token"),
+            "Debug hides the pending token"
+        );
     }
 
     #[test]
@@ -284,6 +434,21 @@ mod tests {
                 ConfigError::BadTarget {
                     id: "a".into(),
                     addr: "nohost".into(),
+                },
+            ),
+            (
+                r#"[{"id":"a","token":"t","previousTokenSha256":"00"}]"#,
+                ConfigError::PreviousToken { id: "a".into() },
+            ),
+            (
+                r#"[{"id":"a","token":"t","pendingToken":"u"}]"#,
+                ConfigError::PendingToken { id: "a".into() },
+            ),
+            (
+                r#"[{"id":"a","token":"t","certificatesNotBefore":"yesterday"}]"#,
+                ConfigError::BadTime {
+                    id: "a".into(),
+                    field: "certificatesNotBefore",
                 },
             ),
         ];

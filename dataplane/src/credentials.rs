@@ -27,8 +27,12 @@ pub enum Message {
     Certificate { certificate: String },
     /// The last request was refused; why, for the agent's log.
     Refused { reason: String },
-    /// Renew now (the operator was asked to rotate the certificate).
-    Renew,
+    /// Renew now: a certificate rotation was requested (`rotation` names
+    /// it, so an agent renews once per rotation however many replicas ask).
+    Renew { rotation: String },
+    /// The cluster's new token: use it from now on (the one presented is
+    /// accepted only for a while longer).
+    Token { token: String },
 }
 
 impl Message {
@@ -47,7 +51,8 @@ impl Message {
             Message::CertificateRequest { .. } => "certificateRequest",
             Message::Certificate { .. } => "certificate",
             Message::Refused { .. } => "refused",
-            Message::Renew => "renew",
+            Message::Renew { .. } => "renew",
+            Message::Token { .. } => "token",
         }
     }
 }
@@ -188,7 +193,12 @@ mod tests {
             Message::Refused {
                 reason: "no".into(),
             },
-            Message::Renew,
+            Message::Renew {
+                rotation: "r1".into(),
+            },
+            Message::Token {
+                token: "secret".into(),
+            },
         ] {
             assert_eq!(
                 Message::decode(&message.encode()).expect("decodes"),
@@ -196,8 +206,11 @@ mod tests {
             );
         }
         assert_eq!(
-            &Message::Renew.encode()[..],
-            br#"{"kind":"renew"}"#,
+            &Message::Renew {
+                rotation: "r1".into()
+            }
+            .encode()[..],
+            br#"{"kind":"renew","rotation":"r1"}"#,
             "the wire form docs/protocol.md shows"
         );
         for bad in [

@@ -5,8 +5,30 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
+/// Crates whose trace output carries payloads (WebSocket frames hold
+/// tunnel bytes, request bodies and credentials messages): capped at debug
+/// unless the filter names them itself.
+const PAYLOAD_LOGGERS: [&str; 3] = ["tungstenite", "tokio_tungstenite", "h2"];
+
 pub fn init(level: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    init_with(filter(level));
+}
+
+/// The filter for `level`, with payload-logging crates capped.
+fn filter(level: &str) -> EnvFilter {
+    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    for target in PAYLOAD_LOGGERS {
+        let named = level
+            .split(',')
+            .any(|directive| directive.trim().split(['=', ':', '[']).next() == Some(target));
+        if !named && let Ok(cap) = format!("{target}=debug").parse() {
+            filter = filter.add_directive(cap);
+        }
+    }
+    filter
+}
+
+fn init_with(filter: EnvFilter) {
     let json = std::env::var("LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -17,5 +39,31 @@ pub fn init(level: &str) {
         builder.json().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_never_reaches_payload_loggers_unless_asked_for() {
+        let directives = |level: &str| -> Vec<String> {
+            filter(level)
+                .to_string()
+                .split(',')
+                .map(str::to_owned)
+                .collect()
+        };
+        let capped = directives("trace");
+        for target in PAYLOAD_LOGGERS {
+            assert!(capped.contains(&format!("{target}=debug")), "{capped:?}");
+        }
+        let asked = directives("trace,tungstenite=trace");
+        assert!(asked.contains(&"tungstenite=trace".to_owned()), "{asked:?}");
+        assert!(
+            !asked.contains(&"tungstenite=debug".to_owned()),
+            "{asked:?}"
+        );
     }
 }

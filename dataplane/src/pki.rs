@@ -21,7 +21,7 @@ pub const CLUSTER_URI_PREFIX: &str = "spiffe://tether/cluster/";
 pub const SERVER_URI: &str = "spiffe://tether/server";
 
 /// Issued certificates start a little in the past to tolerate clock skew.
-const BACKDATE: Duration = Duration::from_secs(5 * 60);
+pub const BACKDATE: Duration = Duration::from_secs(5 * 60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {

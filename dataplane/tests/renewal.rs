@@ -32,6 +32,11 @@ struct Renewing {
 
 impl Renewing {
     async fn start() -> (Self, Proc) {
+        Self::start_with_life(SHORT_LIFE).await
+    }
+
+    /// As [`Renewing::start`], the agent's first certificate living `life`.
+    async fn start_with_life(life: Duration) -> (Self, Proc) {
         let world = World::new().await;
         std::fs::write(world.pki.path("ca.key"), world.pki.ca.key_pem()).expect("ca key");
         let dir = world.pki.path("credentials");
@@ -39,7 +44,7 @@ impl Renewing {
         let issued = world
             .pki
             .ca
-            .issue(&LeafRequest::agent("dev", SHORT_LIFE))
+            .issue(&LeafRequest::agent("dev", life))
             .expect("agent certificate");
         for (name, contents) in [
             (TOKEN_FILE, AGENT_TOKEN.to_owned()),
@@ -112,6 +117,16 @@ impl Renewing {
         wait_agents(&self.argocd(), &self.world.url("/metrics"), 1).await;
     }
 
+    /// As [`Renewing::assert_served`], allowing the agent a moment to
+    /// reconnect after its session was ended.
+    async fn assert_served_soon(&self, url: &str) {
+        let started = std::time::Instant::now();
+        while self.argocd().get(url).await.status != StatusCode::OK {
+            assert!(started.elapsed() < WAIT, "not served\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn assert_served(&self, url: &str) {
         let answer = self.argocd().get(url).await;
         assert_eq!(
@@ -121,6 +136,58 @@ impl Renewing {
             answer.text(),
             self.logs()
         );
+    }
+
+    /// Rewrites the clusters file: cluster "dev" with `extra` fields.
+    fn configure_dev(&self, token: &str, extra: serde_json::Value) {
+        let mut entry = serde_json::json!({
+            "id": "dev", "token": token, "targetAddr": self.world.backend.addr.to_string(),
+        });
+        if let (Some(entry), Some(extra)) = (entry.as_object_mut(), extra.as_object()) {
+            entry.extend(extra.clone());
+        }
+        std::fs::write(&self.world.clusters, serde_json::json!([entry]).to_string())
+            .expect("clusters");
+    }
+
+    /// Waits until `what` holds, showing the logs if it never does.
+    async fn eventually(&self, what: &str, mut check: impl FnMut() -> bool) {
+        let started = std::time::Instant::now();
+        while !check() {
+            assert!(started.elapsed() < WAIT, "never: {what}\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// A raw agent handshake with `token` and the identity in `cert`/`key`:
+    /// the status the server answers.
+    async fn handshake(
+        &self,
+        token: &str,
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> String {
+        let roots = tether::tls::load_roots(&self.world.pki.path("ca.crt")).expect("roots");
+        let identity = (
+            tether::tls::load_certs(cert).expect("cert"),
+            tether::tls::load_key(key).expect("key"),
+        );
+        let config = tether::tls::client_config(roots, Some(identity)).expect("tls");
+        let tcp = TcpStream::connect(("127.0.0.1", self.world.public))
+            .await
+            .expect("connect");
+        let name = rustls::pki_types::ServerName::try_from("localhost").expect("name");
+        let Ok(tls) = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+        else {
+            return "TLS refused".into();
+        };
+        let authority = format!("localhost:{}", self.world.public);
+        match tether::websocket::connect(tls, &authority, "/connect", token, true, None).await {
+            Ok(_) => "accepted".into(),
+            Err(err) => err.to_string(),
+        }
     }
 
     fn current(&self) -> CertInfo {
@@ -288,4 +355,136 @@ async fn requests_for_another_identity_or_usage_are_refused_and_counted() {
         .get(&env.world.url("/tunnel/dev/api/v1/namespaces"))
         .await;
     assert_eq!(answer.status, StatusCode::OK);
+}
+
+fn rfc3339(at: SystemTime) -> String {
+    k8s_openapi::jiff::Timestamp::try_from(at)
+        .expect("time")
+        .to_string()
+}
+
+/// The operator rotated the token: tether-server hands the new one to the
+/// agent, which stores it and reconnects with it; the old token works for
+/// the overlap only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_reaches_the_agent_and_the_old_one_expires() {
+    const NEW_TOKEN: &str = "rotated-token-0c8e51a9";
+    let (env, _agent) = Renewing::start_with_life(Duration::from_secs(3600)).await;
+    env.wait_connected().await;
+    // Requests all along: the switch to the new token fails none.
+    let url = env.world.url("/tunnel/dev/api/v1/namespaces");
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let probe = {
+        let (client, url, stop) = (env.argocd(), url.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let answer = client.get(&url).await;
+                sent += 1;
+                if answer.status != StatusCode::OK {
+                    failed.push(format!("{}: {}", answer.status, answer.text()));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (sent, failed)
+        })
+    };
+    let until = SystemTime::now() + Duration::from_secs(6);
+    env.configure_dev(
+        NEW_TOKEN,
+        serde_json::json!({
+            "previousTokenSha256": hex::encode(tether::clusters::token_sha256(AGENT_TOKEN)),
+            "previousTokenExpires": rfc3339(until),
+            "pendingToken": NEW_TOKEN,
+        }),
+    );
+    let token_file = env.dir.join(TOKEN_FILE);
+    env.eventually("the agent stored the new token", || {
+        std::fs::read_to_string(&token_file).is_ok_and(|t| t == NEW_TOKEN)
+    })
+    .await;
+    // The agent reconnected with the new token (a server replaced the
+    // session: the log says so).
+    env.eventually("the agent reconnected with the new token", || {
+        std::fs::read_to_string(env.world.log("server"))
+            .is_ok_and(|log| log.matches("agent connected").count() >= 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = probe.await.expect("probe");
+    println!(
+        "{sent} requests across the token switch, {} failed",
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:?}\n{}", env.logs());
+    let (cert, key) = (env.dir.join(CERT_FILE), env.dir.join(KEY_FILE));
+    assert_eq!(
+        env.handshake(AGENT_TOKEN, &cert, &key).await,
+        "accepted",
+        "within the overlap"
+    );
+    if let Ok(left) = (until + Duration::from_secs(1)).duration_since(SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+    let refused = env.handshake(AGENT_TOKEN, &cert, &key).await;
+    assert!(refused.contains("401"), "after the overlap: {refused}");
+    env.assert_served(&url).await;
+    let logs = env.logs();
+    let leaks: Vec<&str> = logs.lines().filter(|l| l.contains(NEW_TOKEN)).collect();
+    assert!(leaks.is_empty(), "the token is never logged: {leaks:#?}");
+}
+
+/// A requested certificate rotation: every replica asks, the agent renews
+/// once with a new key; once the rotation is complete, the old certificate
+/// is refused while the agent carries on with the new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requested_rotation_replaces_the_certificate_and_retires_the_old_one() {
+    let (env, _agent) = Renewing::start_with_life(Duration::from_secs(3600)).await;
+    env.wait_connected().await;
+    // Keep the first identity, to knock with it later.
+    let old_cert = env.world.pki.path("old.crt");
+    let old_key = env.world.pki.path("old.key");
+    std::fs::copy(env.dir.join(CERT_FILE), &old_cert).expect("copy");
+    std::fs::copy(env.dir.join(KEY_FILE), &old_key).expect("copy");
+    let requested = SystemTime::now();
+    env.configure_dev(
+        AGENT_TOKEN,
+        serde_json::json!({"certificateRotation": "leak-1"}),
+    );
+    env.eventually("the agent renewed for the rotation", || {
+        env.current().not_before > env.first.not_before
+    })
+    .await;
+    // What the operator writes once it signed after the request.
+    env.configure_dev(
+        AGENT_TOKEN,
+        serde_json::json!({"certificatesNotBefore": rfc3339(requested - tether::pki::BACKDATE)}),
+    );
+    // Once the server has the configuration (reloaded within a second), the
+    // old certificate is refused.
+    let started = std::time::Instant::now();
+    loop {
+        let answer = env.handshake(AGENT_TOKEN, &old_cert, &old_key).await;
+        if answer.contains("403") {
+            break;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "the old certificate still works: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The agent's sessions with the old certificate were ended; it is back
+    // with the new one.
+    env.wait_connected().await;
+    let url = env.world.url("/tunnel/dev/api/v1/namespaces");
+    env.assert_served_soon(&url).await;
+    let (cert, key) = (env.dir.join(CERT_FILE), env.dir.join(KEY_FILE));
+    assert_eq!(env.handshake(AGENT_TOKEN, &cert, &key).await, "accepted");
+    let metrics = env.argocd().get(&env.world.url("/metrics")).await.text();
+    assert!(
+        metrics.contains("agent_certificate_requests_total{result=\"signed\"} 1"),
+        "renewed once however often asked: {metrics}"
+    );
 }

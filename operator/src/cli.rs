@@ -18,7 +18,8 @@ use crate::bundle::{self, BundleInput};
 use crate::crd::ProxiedCluster;
 use crate::pki::tls_secret;
 use crate::reconcile::{
-    BUNDLE_KEY, CLUSTERS_KEY, ValidSpec, bundle_secret_name, server_entry, validate_spec,
+    BUNDLE_KEY, CLUSTERS_KEY, ServerEntry, ValidSpec, bundle_secret_name, server_entry,
+    validate_spec,
 };
 use crate::settings::{Settings, url_host};
 
@@ -302,7 +303,15 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
     );
     entries.push(server_entry(
         &id,
-        (&token_sha256, &pc.spec.target_address, &resource),
+        &ServerEntry {
+            token_sha256: &token_sha256,
+            target: &pc.spec.target_address,
+            resource: &resource,
+            token: &token,
+            overlap: None,
+            certificate_rotation: None,
+            certificates_not_before: None,
+        },
     ));
     entries.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     let clusters_json = serde_json::to_string_pretty(&entries)?;

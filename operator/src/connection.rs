@@ -36,7 +36,7 @@ fn age(time: Option<&Time>, now: SystemTime) -> Duration {
         .max(Duration::ZERO)
 }
 
-fn is_fresh(session: &AgentSession, now: SystemTime) -> bool {
+pub fn is_fresh(session: &AgentSession, now: SystemTime) -> bool {
     session.last_seen.is_some() && age(session.last_seen.as_ref(), now) < SESSION_FRESH
 }
 
@@ -120,6 +120,7 @@ mod tests {
             live_replicas: live.iter().map(|r| (*r).to_owned()).collect(),
             // Newer sessions present newer certificates.
             certificate_not_after: at(now + Duration::from_secs(86400), seen_ago),
+            token_sha256_prefix: None,
         }
     }
 

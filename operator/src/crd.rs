@@ -74,7 +74,9 @@ pub struct ProxiedClusterSpec {
     pub certificates: CertificatesSpec,
 
     /// Changing this value (any string, e.g. a date) issues a new agent
-    /// token; the old one stops working once the server reloads.
+    /// token and delivers it to the connected agent over the tunnel; the
+    /// old one is accepted until the agent uses the new one, at most for
+    /// the operator's `--token-overlap` (10 minutes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_rotation: Option<String>,
 }
@@ -173,6 +175,11 @@ pub struct CertificatesSpec {
     #[serde(default = "default_agent_duration")]
     #[schemars(regex(pattern = r"^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$"))]
     pub agent_duration: String,
+    /// Changing this value (any string, e.g. a date) makes the agent renew
+    /// its certificate now, with a new key (a suspected key leak); once it
+    /// has, certificates issued before are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<String>,
     /// Bring your own agent certificate: a `kubernetes.io/tls` Secret in
     /// this namespace (cert-manager's format: tls.crt, tls.key, ca.crt)
     /// used instead of the operator's CA.
@@ -188,6 +195,7 @@ impl Default for CertificatesSpec {
     fn default() -> Self {
         Self {
             agent_duration: default_agent_duration(),
+            rotation: None,
             agent_secret_ref: None,
         }
     }
@@ -214,6 +222,10 @@ pub struct ProxiedClusterStatus {
     /// The `tokenRotation` value the current token was issued for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_rotation: Option<String>,
+    /// Until when the previous token is still accepted (a rotation the
+    /// agent has not taken up yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_overlap_until: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificates: Option<CertificatesStatus>,
     /// Where the agent install bundle is.
@@ -242,6 +254,21 @@ pub struct CertificatesStatus {
     /// Expiry of the certificate in the bundle the operator keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bundle_not_after: Option<Time>,
+    /// The last `spec.certificates.rotation` the agent completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation: Option<String>,
+    /// A rotation asked for and not completed yet, and since when.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_pending: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_requested: Option<Time>,
+    /// When the operator last signed a renewal of this agent's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_signed: Option<Time>,
+    /// Agent certificates starting before this are refused (set when a
+    /// rotation completes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<Time>,
 }
 
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
@@ -288,6 +315,10 @@ pub struct AgentSession {
     /// Expiry of the client certificate the agent presented.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate_not_after: Option<Time>,
+    /// The first 12 hex digits of the SHA-256 of the token the agent
+    /// presented: tells a rotated token from the previous one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_sha256_prefix: Option<String>,
     /// Refreshed every 30 s while connected: an entry that stops being
     /// refreshed belongs to a replica that died without saying so.
     #[serde(default, skip_serializing_if = "Option::is_none")]

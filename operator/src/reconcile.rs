@@ -36,6 +36,10 @@ use crate::settings::{Settings, url_host};
 pub const FINALIZER: &str = "tether.dev/cleanup";
 const CREDENTIALS_EXPIRED: &str = "AgentCredentialsExpired";
 const ROTATION_ANNOTATION: &str = "tether.dev/token-rotation";
+/// On the token Secret during a rotation's overlap: the previous token's
+/// SHA-256 and until when it is accepted.
+const PREVIOUS_TOKEN_ANNOTATION: &str = "tether.dev/previous-token-sha256";
+const OVERLAP_UNTIL_ANNOTATION: &str = "tether.dev/previous-token-until";
 pub use tether::server::kubernetes::CLUSTERS_KEY;
 pub const BUNDLE_KEY: &str = "bundle.yaml";
 /// Longest time between two reconciles of a healthy object.
@@ -474,13 +478,20 @@ async fn write_status(
         .map(|name| (name.clone(), serde_json::Value::Null))
         .collect();
     // Explicit nulls clear fields that no longer apply (merge patch).
+    let mut certificates = serde_json::to_value(&desired.certificates).unwrap_or_default();
+    if let Some(fields) = certificates.as_object_mut() {
+        for key in ["rotationPending", "rotationRequested"] {
+            fields.entry(key).or_insert(serde_json::Value::Null);
+        }
+    }
     let patch = json!({
         "status": {
             "clusterId": desired.cluster_id,
             "observedGeneration": desired.observed_generation,
             "conditions": desired.conditions,
             "tokenRotation": desired.token_rotation,
-            "certificates": desired.certificates,
+            "certificates": certificates,
+            "tokenOverlapUntil": desired.token_overlap_until,
             "bundle": desired.bundle,
             "argocdSecret": desired.argocd_secret,
             "connection": desired.connection,
@@ -535,23 +546,67 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
     let pki = ctx.pki();
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    // The agent token: issued once, replaced only when the rotation
-    // trigger changes. The server side only ever sees its SHA-256.
+    // The agent token: issued once, replaced when the rotation trigger
+    // changes. The server side sees its SHA-256, and the token itself only
+    // while a rotation delivers it over the tunnel.
     let token_name = token_secret_name(pc);
     let trigger = pc.spec.token_rotation.clone().unwrap_or_default();
     let current = secrets.get_opt(&token_name).await?;
-    let token = current
+    let kept = current
         .as_ref()
         .filter(|s| s.annotations().get(ROTATION_ANNOTATION) == Some(&trigger))
-        .and_then(|s| secret_text(s, "token"))
-        .unwrap_or_else(new_token);
+        .and_then(|s| secret_text(s, "token"));
+    let rotated_out = current
+        .as_ref()
+        .filter(|_| kept.is_none())
+        .and_then(|s| secret_text(s, "token"));
+    let token = kept.unwrap_or_else(new_token);
     let token_sha256 = hex::encode(Sha256::digest(token.as_bytes()));
+    let now = Timestamp::now();
+    let overlap = match &rotated_out {
+        Some(previous) => Some(TokenOverlap {
+            previous_sha256: hex::encode(Sha256::digest(previous.as_bytes())),
+            until: Timestamp::try_from(SystemTime::from(now) + ctx.settings.token_overlap)
+                .unwrap_or(now),
+        }),
+        None => current.as_ref().and_then(token_overlap),
+    };
+    let overlap = match overlap {
+        Some(_) if agent_uses_token(pc, &token_sha256) => {
+            ctx.publish(
+                pc,
+                EventType::Normal,
+                "TokenRotationConfirmed",
+                "the agent connects with the new token; the previous one is refused from now on"
+                    .into(),
+            )
+            .await;
+            None
+        }
+        Some(o) if o.until <= now => {
+            ctx.publish(
+                pc,
+                EventType::Warning,
+                "TokenOverlapEnded",
+                "the agent did not take up the new token in time; the previous one is refused: \
+                 apply a new install bundle in the customer cluster"
+                    .into(),
+            )
+            .await;
+            None
+        }
+        other => other,
+    };
+    let mut annotations = BTreeMap::from([(ROTATION_ANNOTATION.to_owned(), trigger.clone())]);
+    if let Some(o) = &overlap {
+        annotations.insert(
+            PREVIOUS_TOKEN_ANNOTATION.to_owned(),
+            o.previous_sha256.clone(),
+        );
+        annotations.insert(OVERLAP_UNTIL_ANNOTATION.to_owned(), o.until.to_string());
+    }
     let desired = Secret {
-        metadata: owned_meta(
-            pc,
-            &token_name,
-            BTreeMap::from([(ROTATION_ANNOTATION.to_owned(), trigger.clone())]),
-        ),
+        metadata: owned_meta(pc, &token_name, annotations),
         type_: Some("Opaque".into()),
         data: Some(BTreeMap::from([(
             "token".to_owned(),
@@ -559,26 +614,26 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
         )])),
         ..Default::default()
     };
-    match ensure_secret(&secrets, current, desired).await? {
-        Applied::Created => {
-            ctx.publish(
-                pc,
-                EventType::Normal,
-                "TokenIssued",
-                format!("issued the agent token in Secret {token_name}"),
-            )
-            .await
-        }
-        Applied::Updated => {
-            ctx.publish(
-                pc,
-                EventType::Normal,
-                "TokenRotated",
-                format!("rotated the agent token (tokenRotation={trigger:?})"),
-            )
-            .await
-        }
-        Applied::Unchanged => {}
+    if ensure_secret(&secrets, current, desired).await? == Applied::Created {
+        ctx.publish(
+            pc,
+            EventType::Normal,
+            "TokenIssued",
+            format!("issued the agent token in Secret {token_name}"),
+        )
+        .await;
+    } else if rotated_out.is_some() {
+        ctx.publish(
+            pc,
+            EventType::Normal,
+            "TokenRotated",
+            format!(
+                "rotated the agent token (tokenRotation={trigger:?}); delivering it to the agent, \
+                 the previous one is accepted for {}",
+                humantime::format_duration(ctx.settings.token_overlap)
+            ),
+        )
+        .await;
     }
     conditions.set(
         "TokenIssued",
@@ -641,14 +696,30 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
         );
     }
 
+    // A certificate rotation: asked of the agent until it has renewed,
+    // then certificates from before it are refused.
+    let previous_certificates = pc.status.as_ref().and_then(|s| s.certificates.as_ref());
+    let (rotation, rotation_event) = certificate_rotation(
+        pc.spec.certificates.rotation.as_deref(),
+        previous_certificates,
+        Timestamp::now(),
+    );
+    if let Some((reason, note)) = rotation_event {
+        ctx.publish(pc, EventType::Normal, reason, note).await;
+    }
+
     // tether-server learns the cluster from the clusters Secret.
     let resource = format!("{namespace}/{}", pc.name_any());
-    upsert_server_entry(
-        ctx,
-        &id,
-        Some((&token_sha256, &pc.spec.target_address, &resource)),
-    )
-    .await?;
+    let entry = ServerEntry {
+        token_sha256: &token_sha256,
+        target: &pc.spec.target_address,
+        resource: &resource,
+        token: &token,
+        overlap: overlap.as_ref(),
+        certificate_rotation: rotation.pending.as_deref(),
+        certificates_not_before: rotation.not_before.as_ref().map(|t| t.0),
+    };
+    upsert_server_entry(ctx, &id, Some(&entry)).await?;
 
     // ArgoCD registration (a Secret in ArgoCD's namespace: no owner
     // reference across namespaces, so the finalizer removes it).
@@ -773,6 +844,11 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
             agent_not_after: agent_not_after(pc, sessions.connection.as_ref())
                 .or_else(|| bundle_not_after.clone()),
             bundle_not_after,
+            rotation: rotation.rotation.clone(),
+            rotation_pending: rotation.pending.clone(),
+            rotation_requested: rotation.requested.clone(),
+            last_signed: previous_certificates.and_then(|c| c.last_signed.clone()),
+            not_before: rotation.not_before.clone(),
         }
     });
     let expires_in = conditions.set_credentials_expiry(
@@ -799,6 +875,7 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
         observed_generation: pc.metadata.generation,
         conditions: conditions.list,
         token_rotation: Some(trigger),
+        token_overlap_until: overlap.as_ref().map(|o| Time(o.until)),
         certificates,
         bundle: bundle_ref,
         argocd_secret,
@@ -815,8 +892,21 @@ async fn apply(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
     // "disconnected" even if nothing else changes; an expiry must show.
     let recheck = sessions.recheck_in.unwrap_or(RESYNC);
     let expiry = expires_in.unwrap_or(RESYNC).max(Duration::from_secs(1));
+    // An overlap ends on time even if nothing else happens.
+    let overlap_ends = overlap
+        .as_ref()
+        .and_then(|o| {
+            SystemTime::from(o.until)
+                .duration_since(SystemTime::now())
+                .ok()
+        })
+        .map_or(RESYNC, |d| d + Duration::from_secs(1));
     Ok(Action::requeue(
-        renew_in.min(recheck).min(expiry).min(RESYNC),
+        renew_in
+            .min(recheck)
+            .min(expiry)
+            .min(overlap_ends)
+            .min(RESYNC),
     ))
 }
 
@@ -831,6 +921,106 @@ fn agent_not_after(pc: &ProxiedCluster, connection: Option<&ConnectionStatus>) -
             (previous.agent_not_after != previous.bundle_not_after)
                 .then(|| previous.agent_not_after.clone())
                 .flatten()
+        })
+}
+
+/// Where a requested certificate rotation stands.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RotationState {
+    /// The last rotation completed.
+    pub rotation: Option<String>,
+    /// The rotation the agent is asked to make, and since when.
+    pub pending: Option<String>,
+    pub requested: Option<Time>,
+    /// Certificates starting before this are refused.
+    pub not_before: Option<Time>,
+}
+
+/// Advances `spec.certificates.rotation`: requested, then completed once
+/// the operator signed a renewal after the request. Certificates are
+/// back-dated by [`tether::pki::BACKDATE`], so those starting before the
+/// request minus that were all issued before it. Returns the Event to
+/// record, if the state moved.
+pub fn certificate_rotation(
+    wanted: Option<&str>,
+    previous: Option<&CertificatesStatus>,
+    now: Timestamp,
+) -> (RotationState, Option<(&'static str, String)>) {
+    let previous = previous.cloned().unwrap_or_default();
+    let done = RotationState {
+        rotation: previous.rotation.clone(),
+        not_before: previous.not_before.clone(),
+        ..Default::default()
+    };
+    let Some(wanted) = wanted.filter(|w| !w.is_empty() && Some(*w) != previous.rotation.as_deref())
+    else {
+        return (done, None);
+    };
+    let (requested, event) = match previous.rotation_requested {
+        Some(at) if previous.rotation_pending.as_deref() == Some(wanted) => (at, None),
+        _ => (
+            Time(now),
+            Some((
+                "CertificateRotationRequested",
+                format!("asked the agent to renew its certificate now (rotation={wanted:?})"),
+            )),
+        ),
+    };
+    if previous
+        .last_signed
+        .as_ref()
+        .is_some_and(|signed| signed.0 > requested.0)
+    {
+        let not_before = Timestamp::try_from(SystemTime::from(requested.0) - tether::pki::BACKDATE)
+            .ok()
+            .map(Time);
+        return (
+            RotationState {
+                rotation: Some(wanted.to_owned()),
+                not_before,
+                ..Default::default()
+            },
+            Some((
+                "CertificateRotated",
+                format!(
+                    "the agent renewed its certificate (rotation={wanted:?}); older certificates are refused"
+                ),
+            )),
+        );
+    }
+    (
+        RotationState {
+            pending: Some(wanted.to_owned()),
+            requested: Some(requested),
+            ..done
+        },
+        event,
+    )
+}
+
+/// The overlap recorded on the token Secret, if any.
+fn token_overlap(secret: &Secret) -> Option<TokenOverlap> {
+    let annotations = secret.annotations();
+    Some(TokenOverlap {
+        previous_sha256: annotations.get(PREVIOUS_TOKEN_ANNOTATION)?.clone(),
+        until: annotations.get(OVERLAP_UNTIL_ANNOTATION)?.parse().ok()?,
+    })
+}
+
+/// Whether a replica reports a live session authenticated with the token
+/// whose SHA-256 is `token_sha256`: the agent took up a rotated token.
+fn agent_uses_token(pc: &ProxiedCluster, token_sha256: &str) -> bool {
+    let now = SystemTime::now();
+    pc.status
+        .iter()
+        .flat_map(|s| s.agent_sessions.values())
+        .any(|session| {
+            session.connected
+                && connection::is_fresh(session, now)
+                && session
+                    .token_sha256_prefix
+                    .as_deref()
+                    .is_some_and(|prefix| prefix.len() == 12 && token_sha256.starts_with(prefix))
         })
 }
 
@@ -868,20 +1058,53 @@ async fn cleanup(pc: &ProxiedCluster, ctx: &Context) -> Result<Action, Error> {
 }
 
 /// One cluster as tether-server's clusters configuration lists it.
-pub fn server_entry(
-    id: &str,
-    (token_sha256, target, resource): ServerEntry<'_>,
-) -> serde_json::Value {
-    json!({"id": id, "tokenSha256": token_sha256, "targetAddr": target, "resource": resource})
+pub fn server_entry(id: &str, entry: &ServerEntry<'_>) -> serde_json::Value {
+    let mut value = json!({
+        "id": id,
+        "tokenSha256": entry.token_sha256,
+        "targetAddr": entry.target,
+        "resource": entry.resource,
+    });
+    if let Some(overlap) = entry.overlap {
+        value["previousTokenSha256"] = json!(overlap.previous_sha256);
+        value["previousTokenExpires"] = json!(overlap.until.to_string());
+        value["pendingToken"] = json!(entry.token);
+    }
+    if let Some(rotation) = entry.certificate_rotation {
+        value["certificateRotation"] = json!(rotation);
+    }
+    if let Some(not_before) = entry.certificates_not_before {
+        value["certificatesNotBefore"] = json!(not_before.to_string());
+    }
+    value
 }
 
 /// Conflicts on the shared clusters Secret retried at once before the
 /// reconcile fails over to the error backoff.
 const CONFLICT_RETRIES: usize = 16;
 
-/// A cluster's entry for tether-server: token hash, target, and the
-/// ProxiedCluster (`namespace/name`) to report connection status to.
-pub type ServerEntry<'a> = (&'a str, &'a str, &'a str);
+/// A cluster's entry for tether-server: token hash, target, the
+/// ProxiedCluster to report connection status to, and rotations in progress.
+pub struct ServerEntry<'a> {
+    pub token_sha256: &'a str,
+    pub target: &'a str,
+    /// `namespace/name` of the ProxiedCluster.
+    pub resource: &'a str,
+    /// The token itself: written only during a rotation's overlap, for
+    /// the servers to hand to an agent still on the previous one.
+    pub token: &'a str,
+    pub overlap: Option<&'a TokenOverlap>,
+    pub certificate_rotation: Option<&'a str>,
+    pub certificates_not_before: Option<Timestamp>,
+}
+
+/// A rotated-out token still accepted, until the agent uses the new one or
+/// the overlap ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenOverlap {
+    pub previous_sha256: String,
+    pub until: Timestamp,
+}
 
 /// Adds, updates (`Some`) or removes (`None`) one cluster in the clusters
 /// Secret tether-server loads: `[{"id","tokenSha256","targetAddr","resource"}]`,
@@ -891,7 +1114,7 @@ pub type ServerEntry<'a> = (&'a str, &'a str, &'a str);
 async fn upsert_server_entry(
     ctx: &Context,
     id: &str,
-    entry: Option<ServerEntry<'_>>,
+    entry: Option<&ServerEntry<'_>>,
 ) -> Result<(), Error> {
     let _only_writer = ctx.server_config.lock().await;
     let mut attempt = 0;
@@ -910,7 +1133,7 @@ async fn upsert_server_entry(
 async fn try_upsert_server_entry(
     ctx: &Context,
     id: &str,
-    entry: Option<ServerEntry<'_>>,
+    entry: Option<&ServerEntry<'_>>,
 ) -> Result<(), Error> {
     let settings = &ctx.settings;
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &settings.namespace);
@@ -988,6 +1211,7 @@ mod tests {
         let certificates = |not_after| CertificatesStatus {
             agent_not_after: time(not_after),
             bundle_not_after: time(now + 90 * 24 * HOUR),
+            ..Default::default()
         };
         let connected = |up| ConnectionStatus {
             connected: up,
@@ -1014,6 +1238,46 @@ mod tests {
             "False",
             "connected: it presents a newer certificate than the one recorded"
         );
+    }
+
+    #[test]
+    fn a_certificate_rotation_is_requested_then_completed_by_a_later_signature() {
+        let t0 = Timestamp::from_second(2_000_000_000).expect("time");
+        let later = |s: i64| Timestamp::from_second(2_000_000_000 + s).expect("time");
+        let (state, event) = certificate_rotation(Some("r1"), None, t0);
+        assert_eq!(state.pending.as_deref(), Some("r1"));
+        assert_eq!(state.requested, Some(Time(t0)));
+        assert_eq!(event.map(|e| e.0), Some("CertificateRotationRequested"));
+        let mut status = CertificatesStatus {
+            rotation_pending: state.pending.clone(),
+            rotation_requested: state.requested.clone(),
+            // A renewal signed before the request does not count.
+            last_signed: Some(Time(later(-1))),
+            ..Default::default()
+        };
+        let (again, event) = certificate_rotation(Some("r1"), Some(&status), later(30));
+        assert_eq!(again, state, "still pending, same request time");
+        assert!(event.is_none(), "no repeated event");
+        status.last_signed = Some(Time(later(20)));
+        let (done, event) = certificate_rotation(Some("r1"), Some(&status), later(30));
+        assert_eq!(done.rotation.as_deref(), Some("r1"));
+        assert_eq!(done.pending, None);
+        assert_eq!(
+            done.not_before,
+            Some(Time(later(-(tether::pki::BACKDATE.as_secs() as i64)))),
+            "what was issued before the request is refused"
+        );
+        assert_eq!(event.map(|e| e.0), Some("CertificateRotated"));
+        let status = CertificatesStatus {
+            rotation: done.rotation.clone(),
+            not_before: done.not_before.clone(),
+            ..Default::default()
+        };
+        let (settled, event) = certificate_rotation(Some("r1"), Some(&status), later(60));
+        assert_eq!(settled, done, "a completed rotation stays completed");
+        assert!(event.is_none());
+        let (none, _) = certificate_rotation(None, None, t0);
+        assert_eq!(none, RotationState::default());
     }
 
     #[test]

@@ -70,6 +70,10 @@ pub struct Settings {
     /// happen in a test.
     #[arg(long, env = "MIN_CERT_DURATION", default_value = "1h", value_parser = parse_duration)]
     pub min_cert_duration: Duration,
+    /// How long a rotated-out agent token is still accepted, at most: until
+    /// the agent connects with the new one it was sent over the tunnel.
+    #[arg(long, env = "TOKEN_OVERLAP", default_value = "10m", value_parser = parse_duration)]
+    pub token_overlap: Duration,
     #[arg(long, env = "CA_DURATION", default_value = "87600h", value_parser = parse_duration)]
     pub ca_duration: Duration,
     #[arg(long, env = "SERVER_CERT_DURATION", default_value = "2160h", value_parser = parse_duration)]

@@ -35,10 +35,12 @@ pub enum Decision {
     /// Not ours, or already decided and signed.
     Ignore,
     Deny(String),
-    /// Approve (if not yet) and sign the checked request, valid for `lifetime`.
+    /// Approve (if not yet) and sign the checked request, valid for
+    /// `lifetime`; `owner` is the ProxiedCluster (namespace, name).
     Sign {
         request: Box<AgentRequest>,
         lifetime: Duration,
+        owner: (String, String),
     },
 }
 
@@ -123,6 +125,7 @@ pub fn decide(
     Decision::Sign {
         request: Box::new(request),
         lifetime,
+        owner: (pc.namespace().unwrap_or_default(), pc.name_any()),
     }
 }
 
@@ -164,7 +167,11 @@ pub async fn reconcile(
             api.patch_approval(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
         }
-        Decision::Sign { request, lifetime } => {
+        Decision::Sign {
+            request,
+            lifetime,
+            owner: (namespace, owner),
+        } => {
             let cluster = &request.cluster_id;
             if condition(&csr, "Approved").is_none() {
                 let patch = json!({"status": {"conditions": [approval_condition(
@@ -180,6 +187,12 @@ pub async fn reconcile(
             api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await?;
             info!(csr = %name, %cluster, lifetime = ?lifetime, "agent certificate signed");
+            // Completes a pending rotation (see reconcile::certificate_rotation).
+            let signed =
+                json!({"status": {"certificates": {"lastSigned": Time(Timestamp::now())}}});
+            Api::<ProxiedCluster>::namespaced(ctx.client.clone(), &namespace)
+                .patch_status(&owner, &PatchParams::default(), &Patch::Merge(&signed))
+                .await?;
         }
     }
     Ok(Action::await_change())
@@ -263,7 +276,12 @@ mod tests {
     fn signs_exactly_the_clusters_identity_for_its_lifetime() {
         let (pem, _) = AgentRequest::create("dev").expect("csr");
         match decision(&csr("dev", &pem, json!({}))) {
-            Decision::Sign { request, lifetime } => {
+            Decision::Sign {
+                request,
+                lifetime,
+                owner,
+            } => {
+                assert_eq!(owner, ("t".to_owned(), "dev".to_owned()));
                 assert_eq!(request.cluster_id, "dev");
                 assert_eq!(lifetime, 2 * HOUR, "from the spec");
             }

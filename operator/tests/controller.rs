@@ -226,7 +226,9 @@ async fn first_reconcile_creates_everything() {
     let parsed = tether::clusters::Clusters::parse(&serde_json::to_string(&config).expect("json"))
         .expect("server accepts it");
     assert_eq!(
-        parsed.authenticate(&token).map(|c| c.id.as_str()),
+        parsed
+            .authenticate(&token, std::time::SystemTime::now())
+            .map(|(c, _)| c.id.as_str()),
         Some("customer-a")
     );
     assert!(
@@ -367,15 +369,103 @@ async fn rotation_changes_the_token_and_nothing_else() {
             .resource_version,
         "ArgoCD untouched"
     );
+    let new_sha256 = hex::encode(Sha256::digest(token_after.as_bytes()));
+    let entry = op.clusters_config()[0].clone();
+    assert_eq!(entry["tokenSha256"], new_sha256.as_str());
+    // The overlap: the previous token still accepted, the new one to hand
+    // over through the tunnel.
     assert_eq!(
-        op.clusters_config()[0]["tokenSha256"],
-        hex::encode(Sha256::digest(token_after.as_bytes()))
+        entry["previousTokenSha256"],
+        hex::encode(Sha256::digest(token_before.as_bytes())).as_str()
+    );
+    assert_eq!(entry["pendingToken"], token_after.as_str());
+    assert!(entry["previousTokenExpires"].is_string());
+    assert!(
+        after
+            .status
+            .as_ref()
+            .and_then(|s| s.token_overlap_until.as_ref())
+            .is_some()
     );
     assert_ne!(
         before.status.and_then(|s| s.bundle).map(|b| b.sha256),
         after.status.and_then(|s| s.bundle).map(|b| b.sha256)
     );
     assert!(op.events().iter().any(|e| e == "TokenRotated"));
+
+    // A replica reports the agent connected with the new token: the
+    // overlap ends, and the token leaves the server's configuration.
+    let session = json!({"status": {"agentSessions": {"replica-0": {
+        "connected": true,
+        "lastSeen": k8s_openapi::jiff::Timestamp::now().to_string(),
+        "tokenSha256Prefix": &new_sha256[..12],
+    }}}});
+    op.clusters()
+        .patch_status("rotating", &PatchParams::default(), &Patch::Merge(&session))
+        .await
+        .expect("report");
+    op.wait_for("rotating", "overlap ended", |pc| {
+        pc.status
+            .as_ref()
+            .is_some_and(|s| s.token_overlap_until.is_none())
+    })
+    .await;
+    let entry = op.clusters_config()[0].clone();
+    assert!(entry.get("pendingToken").is_none(), "{entry}");
+    assert!(entry.get("previousTokenSha256").is_none(), "{entry}");
+    assert!(op.events().iter().any(|e| e == "TokenRotationConfirmed"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_rotation_is_asked_of_the_agent_until_a_renewal_is_signed() {
+    let op = start().await;
+    op.create("leaky", json!({})).await;
+    op.wait_ready("leaky").await;
+    let patch = json!({"spec": {"certificates": {"rotation": "leak-2026-12"}}});
+    op.clusters()
+        .patch("leaky", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .expect("rotate");
+    op.wait_for("leaky", "rotation pending", |pc| {
+        pc.status
+            .as_ref()
+            .and_then(|s| s.certificates.as_ref())
+            .is_some_and(|c| c.rotation_pending.as_deref() == Some("leak-2026-12"))
+    })
+    .await;
+    assert_eq!(
+        op.clusters_config()[0]["certificateRotation"],
+        "leak-2026-12"
+    );
+    // The signer records a renewal it signed after the request.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let signed = json!({"status": {"certificates": {
+        "lastSigned": k8s_openapi::jiff::Timestamp::now().to_string(),
+    }}});
+    op.clusters()
+        .patch_status("leaky", &PatchParams::default(), &Patch::Merge(&signed))
+        .await
+        .expect("signed");
+    let done = op
+        .wait_for("leaky", "rotation done", |pc| {
+            pc.status
+                .as_ref()
+                .and_then(|s| s.certificates.as_ref())
+                .is_some_and(|c| c.rotation.as_deref() == Some("leak-2026-12"))
+        })
+        .await;
+    let certificates = done
+        .status
+        .and_then(|s| s.certificates)
+        .expect("certificates");
+    assert_eq!(certificates.rotation_pending, None);
+    let entry = op.clusters_config()[0].clone();
+    assert!(entry.get("certificateRotation").is_none(), "{entry}");
+    assert!(entry["certificatesNotBefore"].is_string(), "{entry}");
+    let events = op.events();
+    for reason in ["CertificateRotationRequested", "CertificateRotated"] {
+        assert!(events.iter().any(|e| e == reason), "{reason}: {events:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -26,6 +26,7 @@ pub struct AgentMetrics {
     /// Expiry (Unix seconds) of the client certificate in use.
     pub certificate_not_after: IntGauge,
     pub certificate_renewals: IntCounterVec,
+    pub token_rotations: IntCounter,
 }
 
 impl AgentMetrics {
@@ -62,6 +63,11 @@ impl AgentMetrics {
             ),
             &["result"],
         )?;
+        let token_rotations = IntCounter::new(
+            "agent_token_rotations_total",
+            "New agent tokens received over the tunnel and taken into use.",
+        )?;
+        registry.register(Box::new(token_rotations.clone()))?;
         registry.register(Box::new(certificate_not_after.clone()))?;
         registry.register(Box::new(certificate_renewals.clone()))?;
         registry.register(Box::new(connected.clone()))?;
@@ -76,6 +82,7 @@ impl AgentMetrics {
             reconnects,
             certificate_not_after,
             certificate_renewals,
+            token_rotations,
             upstream_requests,
             upstream_errors,
         })

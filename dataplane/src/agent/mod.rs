@@ -377,7 +377,8 @@ impl Agent {
         let health_addr = health::serve(args.health_addr, metrics.clone(), stop.clone()).await?;
         let (credentials_tx, messages) = tokio::sync::mpsc::channel(8);
         let (sessions_tx, sessions) = tokio::sync::watch::channel(Vec::new());
-        if let Some(renewal) = renewal(&args, &endpoint, &upstream, &metrics)? {
+        let credentials = Arc::new(store::Credentials::new());
+        if let Some(renewal) = renewal(&args, &endpoint, &upstream, &metrics, &credentials)? {
             tokio::spawn(renewal.run(renewal::Channel { messages, sessions }, stop.clone()));
         }
         let task = tokio::spawn(run(
@@ -388,6 +389,7 @@ impl Agent {
             Links {
                 sessions: sessions_tx,
                 credentials: credentials_tx,
+                in_use: credentials,
             },
             stop.clone(),
         ));
@@ -422,6 +424,7 @@ fn renewal(
     endpoint: &Arc<ServerEndpoint>,
     upstream: &Arc<upstream::Upstream>,
     metrics: &Arc<AgentMetrics>,
+    credentials: &Arc<store::Credentials>,
 ) -> Result<Option<renewal::Renewal<store::AgentKeeper>>, AgentError> {
     let Some(dir) = &args.credentials_dir else {
         if args.client_cert.is_some() {
@@ -459,17 +462,23 @@ fn renewal(
         keeper: store::AgentKeeper {
             store,
             endpoint: endpoint.clone(),
+            credentials: credentials.clone(),
+            args: args.clone(),
         },
         metrics: metrics.clone(),
         clock: renewal::Clock::System,
+        rotation: None,
+        rotated: None,
     }))
 }
 
-/// What the connection loop shares with certificate renewal: the sessions
-/// it holds, and the credentials messages they receive.
+/// What the connection loop shares with credentials renewal: the sessions
+/// it holds, the credentials messages they receive, and the credentials to
+/// connect with.
 struct Links {
     sessions: tokio::sync::watch::Sender<Vec<Session>>,
     credentials: tokio::sync::mpsc::Sender<crate::credentials::Message>,
+    in_use: Arc<store::Credentials>,
 }
 
 /// A session's end, as its task reports it to the connection loop.
@@ -518,14 +527,20 @@ async fn run(
     let instance = offer_v2.then(new_instance_id);
     let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
     let mut held: std::collections::HashMap<String, (u64, Session)> = Default::default();
+    // Replicas whose session authenticated with a token since replaced:
+    // each is dialed again and the new session takes its place, so the old
+    // one serves until then.
+    let mut stale: std::collections::HashSet<String> = Default::default();
     let mut wanted: Vec<String> = Vec::new();
     let mut generation: u64 = 0;
     let mut attempt: u32 = 0;
     let mut already_held: u32 = 0;
     let mut fast_retry_until: Option<Instant> = None;
     let mut next_dial = tokio::time::Instant::now();
+    let mut renewed = links.in_use.subscribe();
     loop {
-        let missing = held.is_empty() || wanted.iter().any(|r| !held.contains_key(r));
+        let missing =
+            held.is_empty() || wanted.iter().any(|r| !held.contains_key(r)) || !stale.is_empty();
         metrics.connected.set(i64::from(!held.is_empty()));
         metrics.sessions.set(held.len() as i64);
         tokio::select! {
@@ -534,6 +549,14 @@ async fn run(
                     session.close("agent shutting down");
                 }
                 return;
+            }
+            // A new token or certificate: every session is dialed again
+            // with it (a replica lets the same agent replace a session when
+            // it presents a new token or a newer certificate).
+            Ok(()) = renewed.changed() => {
+                stale = held.keys().cloned().collect();
+                fast_retry_until = Some(Instant::now() + FAST_RETRY_WINDOW);
+                next_dial = tokio::time::Instant::now();
             }
             Some(event) = news.recv() => match event {
                 // Without renewal nobody listens: the message is dropped.
@@ -549,6 +572,7 @@ async fn run(
                 SessionNews::Ended(end) => {
                     if held.get(&end.replica).is_some_and(|(g, _)| *g == end.generation) {
                         held.remove(&end.replica);
+                        stale.remove(&end.replica);
                         publish(&held);
                     }
                     metrics.reconnects.inc();
@@ -566,7 +590,7 @@ async fn run(
                 }
             },
             _ = tokio::time::sleep_until(next_dial), if missing => {
-                let token = match read_token(&args) {
+                let token = match links.in_use.current(&args) {
                     Ok(token) => token,
                     Err(err) => {
                         warn!(error = %err, "cannot read the agent token");
@@ -593,8 +617,10 @@ async fn run(
                         info!(server = %args.server, %replica, protocol = version.as_str(), "tunnel connected");
                         generation += 1;
                         if let Some((_, replaced)) = held.insert(replica.clone(), (generation, session.clone())) {
-                            replaced.close("replaced by a newer session to the same replica");
+                            // The server retires it once its streams end.
+                            replaced.go_away();
                         }
+                        stale.remove(&replica);
                         publish(&held);
                         tokio::spawn(serve_session(
                             replica,

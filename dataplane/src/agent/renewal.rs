@@ -1,8 +1,10 @@
-//! The agent's certificate renewal: at two thirds of its certificate's
-//! lifetime, or when the server asks, it makes a new key pair, sends a
-//! certificate request over a tunnel session, stores what comes back and
-//! presents it from its next connection on. The private key never leaves
-//! this process and its credentials store.
+//! The agent's credentials over the tunnel. Certificate renewal: at two
+//! thirds of its certificate's lifetime, or when a rotation is requested,
+//! it makes a new key pair, sends a certificate request over a tunnel
+//! session, stores what comes back and presents it from its next
+//! connection on; the private key never leaves this process and its
+//! credentials store. Token rotation: a new token from the server is
+//! stored, then used to reconnect.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -62,18 +64,25 @@ impl Clock {
     }
 }
 
-/// Where a renewed certificate and key are kept, and how the connection
-/// loop starts presenting them.
+/// Where renewed credentials are kept, and how the connection loop starts
+/// using them.
 pub(super) trait Keeper: Send + Sync {
-    /// Stores them durably (a Secret, a credentials directory).
+    /// Stores credentials files (`tls.crt`, `tls.key`, `token`) durably, as
+    /// one change (a Secret, a credentials directory).
     fn save(
         &self,
-        cert_pem: &str,
-        key_pem: &str,
+        files: &[(&'static str, &str)],
     ) -> impl Future<Output = Result<(), String>> + Send;
-    /// Makes the next connections present them.
+    /// Makes the next connections present this certificate.
     fn install(&self, cert_pem: &str, key_pem: &str) -> Result<(), String>;
+    /// Reconnects every session with this token.
+    fn install_token(&self, token: &str);
+    /// The token in use.
+    fn token(&self) -> Option<String>;
 }
+
+/// How often storing new credentials is tried before using them unstored.
+const SAVE_TRIES: u32 = 3;
 
 /// The wait before retry number `failures` (1-based): exponential with
 /// jitter, never past the certificate's expiry when that is still ahead.
@@ -141,6 +150,10 @@ pub(super) struct Renewal<K> {
     pub keeper: K,
     pub metrics: Arc<AgentMetrics>,
     pub clock: Clock,
+    /// The rotation being made, and the last one made (a rotation asked by
+    /// every replica is made once).
+    pub rotation: Option<String>,
+    pub rotated: Option<String>,
 }
 
 impl<K: Keeper> Renewal<K> {
@@ -157,13 +170,10 @@ impl<K: Keeper> Renewal<K> {
                     _ = stop.cancelled() => return,
                     _ = self.clock.sleep_until(due) => {}
                     message = channel.messages.recv() => match message {
-                        Some(Message::Renew) => {
-                            info!("the server asked for a new certificate now");
-                        }
-                        Some(other) => {
-                            // A late answer to an attempt that timed out.
-                            warn!(kind = other.kind(), "unexpected credentials message; ignored");
-                            continue;
+                        Some(message) => {
+                            if !self.handle(message).await {
+                                continue;
+                            }
                         }
                         None => return,
                     },
@@ -200,6 +210,70 @@ impl<K: Keeper> Renewal<K> {
         }
     }
 
+    /// Acts on a message that is not an answer to a request. Returns
+    /// whether a renewal should start now.
+    async fn handle(&mut self, message: Message) -> bool {
+        match message {
+            Message::Renew { rotation }
+                if self.rotated.as_ref() != Some(&rotation)
+                    && self.rotation.as_ref() != Some(&rotation) =>
+            {
+                info!(%rotation, "a certificate rotation was requested; renewing now");
+                self.rotation = Some(rotation);
+                true
+            }
+            Message::Renew { .. } => false,
+            Message::Token { token } => {
+                self.take_token(&token).await;
+                false
+            }
+            other => {
+                // A late answer to an attempt that timed out.
+                warn!(
+                    kind = other.kind(),
+                    "unexpected credentials message; ignored"
+                );
+                false
+            }
+        }
+    }
+
+    /// Stores the cluster's new token, then reconnects with it: the one in
+    /// use is accepted only until the rotation's overlap ends.
+    async fn take_token(&self, token: &str) {
+        if token.is_empty() || self.keeper.token().as_deref() == Some(token) {
+            return;
+        }
+        self.save(&[(crate::credentials::TOKEN_FILE, token)]).await;
+        self.keeper.install_token(token);
+        self.metrics.token_rotations.inc();
+        info!("received a new agent token over the tunnel; reconnecting with it");
+    }
+
+    /// Stores `files`, retrying a little: what cannot be stored is still
+    /// used (a restart then starts from the old credentials, valid a while).
+    async fn save(&self, files: &[(&'static str, &str)]) {
+        for attempt in 1..=SAVE_TRIES {
+            match self.keeper.save(files).await {
+                Ok(()) => return,
+                Err(err) => {
+                    self.metrics
+                        .certificate_renewals
+                        .with_label_values(&["unsaved"])
+                        .inc();
+                    let wait = retry_delay(attempt);
+                    warn!(error = %err, retry_in = ?wait, "cannot store the new credentials");
+                    if attempt < SAVE_TRIES {
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        }
+        error!(
+            "new credentials are in use but not stored: a restart starts from the previous ones"
+        );
+    }
+
     fn show_current(&self) {
         let seconds = self
             .current
@@ -234,10 +308,7 @@ impl<K: Keeper> Renewal<K> {
                 message = channel.messages.recv() => match message {
                     Some(Message::Certificate { certificate }) => break certificate,
                     Some(Message::Refused { reason }) => return Err(AttemptError::Refused(reason)),
-                    Some(Message::Renew) => *renew_now = true,
-                    Some(Message::CertificateRequest { .. }) => {
-                        warn!("the server sent a certificate request; ignored");
-                    }
+                    Some(other) => *renew_now |= self.handle(other).await,
                     None => return Err(AttemptError::SessionEnded),
                 },
             }
@@ -265,24 +336,17 @@ impl<K: Keeper> Renewal<K> {
             .install(&cert_pem, &key_pem)
             .map_err(|_| AttemptError::Unusable("it does not load as a TLS identity"))?;
         self.current = info;
+        self.rotated = self.rotation.take().or(self.rotated.take());
         self.metrics
             .certificate_renewals
             .with_label_values(&["renewed"])
             .inc();
         info!(not_after = ?self.current.not_after, "certificate renewed; presented from the next connection on");
-        // Kept until stored: a restart before that starts with the old
-        // certificate, which is valid for a third of its life yet.
-        let mut failures = 0;
-        while let Err(err) = self.keeper.save(&cert_pem, &key_pem).await {
-            failures += 1;
-            self.metrics
-                .certificate_renewals
-                .with_label_values(&["unsaved"])
-                .inc();
-            let wait = retry_delay(failures);
-            warn!(error = %err, retry_in = ?wait, "cannot store the renewed certificate; it is in use, and storing is retried");
-            tokio::time::sleep(wait).await;
-        }
+        self.save(&[
+            (crate::credentials::CERT_FILE, &cert_pem),
+            (crate::credentials::KEY_FILE, &key_pem),
+        ])
+        .await;
         Ok(())
     }
 }
@@ -295,21 +359,47 @@ mod tests {
 
     #[derive(Default, Clone)]
     struct Recorded {
-        saved: Arc<Mutex<Vec<String>>>,
+        /// What was stored: (file, contents).
+        saved: Arc<Mutex<Vec<(String, String)>>>,
         installed: Arc<Mutex<Vec<(String, SystemTime)>>>,
+        tokens: Arc<Mutex<Vec<String>>>,
         fail_saves: Arc<Mutex<u32>>,
         clock: Option<Arc<Clock>>,
     }
 
+    impl Recorded {
+        fn saved(&self, file: &str) -> Vec<String> {
+            let saved = self.saved.lock().expect("lock");
+            saved
+                .iter()
+                .filter(|(f, _)| f == file)
+                .map(|(_, c)| c.clone())
+                .collect()
+        }
+    }
+
     impl Keeper for Recorded {
-        async fn save(&self, cert_pem: &str, _key: &str) -> Result<(), String> {
-            let mut fail = self.fail_saves.lock().expect("lock");
-            if *fail > 0 {
-                *fail -= 1;
-                return Err("disk full".into());
+        async fn save(&self, files: &[(&'static str, &str)]) -> Result<(), String> {
+            {
+                let mut fail = self.fail_saves.lock().expect("lock");
+                if *fail > 0 {
+                    *fail -= 1;
+                    return Err("disk full".into());
+                }
             }
-            self.saved.lock().expect("lock").push(cert_pem.to_owned());
+            let mut saved = self.saved.lock().expect("lock");
+            saved.extend(
+                files
+                    .iter()
+                    .map(|(f, c)| ((*f).to_owned(), (*c).to_owned())),
+            );
             Ok(())
+        }
+        fn install_token(&self, token: &str) {
+            self.tokens.lock().expect("lock").push(token.to_owned());
+        }
+        fn token(&self) -> Option<String> {
+            self.tokens.lock().expect("lock").last().cloned()
         }
         fn install(&self, cert_pem: &str, _key: &str) -> Result<(), String> {
             let now = self
@@ -399,6 +489,8 @@ mod tests {
                 keeper: keeper.clone(),
                 metrics: metrics.clone(),
                 clock: clock.clone(),
+                rotation: None,
+                rotated: None,
             };
             let task = tokio::spawn(renewal.run(Channel { messages, sessions }, stop.clone()));
             Self {
@@ -487,7 +579,7 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(f.installed().len(), 1, "presented at once");
         assert_eq!(
-            f.keeper.saved.lock().expect("lock").clone(),
+            f.keeper.saved(crate::credentials::CERT_FILE),
             [signed],
             "stored after a failed try"
         );
@@ -541,7 +633,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn renews_on_demand_and_never_presents_a_certificate_early() {
         let mut f = Fixture::start(Duration::from_secs(600)).await;
-        f.answer(Message::Renew).await;
+        f.answer(Message::Renew {
+            rotation: "r1".into(),
+        })
+        .await;
         let request = tokio::time::timeout(Duration::from_secs(1), f.next_request())
             .await
             .expect("asked at once");
@@ -578,6 +673,31 @@ mod tests {
         let installed = f.installed();
         assert_eq!(installed.len(), 1);
         assert!(installed[0].1 >= info.not_before, "presented once valid");
+        // Every replica passes the same rotation on: it is made once.
+        f.answer(Message::Renew {
+            rotation: "r1".into(),
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(f.from_agent.try_recv().is_err(), "no second renewal for r1");
+        f.stop().await;
+    }
+
+    /// A new token is stored, then used; the same token again changes
+    /// nothing.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_token_is_stored_then_used_once() {
+        let f = Fixture::start(Duration::ZERO).await;
+        for _ in 0..2 {
+            f.answer(Message::Token {
+                token: "token-2".into(),
+            })
+            .await;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        assert_eq!(f.keeper.saved(crate::credentials::TOKEN_FILE), ["token-2"]);
+        assert_eq!(f.keeper.tokens.lock().expect("lock").clone(), ["token-2"]);
+        assert_eq!(f.metrics.token_rotations.get(), 1);
         f.stop().await;
     }
 }

@@ -12,6 +12,8 @@ use super::ServerState;
 use super::kubernetes::ConnectionEvent;
 use super::peers::{REPLICA_HEADER, REPLICAS_HEADER};
 use super::registry::Tunnel;
+use crate::clusters::Cluster;
+use crate::credentials::Message;
 use crate::http::{Body, bearer_token, text};
 use crate::listen::ConnInfo;
 use crate::mux::{Role, Session, SessionConfig};
@@ -46,7 +48,9 @@ pub(super) async fn connect(
         );
     }
     let clusters = state.clusters();
-    let Some(cluster) = bearer_token(request.headers()).and_then(|t| clusters.authenticate(t))
+    let presented = bearer_token(request.headers());
+    let Some((cluster, token_use)) =
+        presented.and_then(|t| clusters.authenticate(t, SystemTime::now()))
     else {
         authentication_failed(&state, source);
         warn!(remote = %conn.remote, "agent authentication failed");
@@ -68,6 +72,26 @@ pub(super) async fn connect(
             );
         }
     }
+    // The hash of the token presented: current or, during a rotation, the
+    // previous one.
+    let token_sha256 = crate::clusters::token_sha256(presented.unwrap_or_default());
+    // A certificate older than a completed rotation is refused: it may be
+    // the one whose key leaked.
+    let certificate = conn
+        .client_certificate
+        .as_ref()
+        .and_then(|cert| crate::pki::CertInfo::from_der(cert).ok());
+    if let (Some(cert), Some(not_before)) = (&certificate, cluster.certificates_not_before)
+        && cert.not_before < not_before
+    {
+        authentication_failed(&state, source);
+        warn!(remote = %conn.remote, cluster = %cluster.id,
+            "agent certificate predates the cluster's certificate rotation");
+        return text(
+            StatusCode::FORBIDDEN,
+            "client certificate was replaced by a rotation; use the renewed one or a new bundle",
+        );
+    }
     let me = state.peers.me().to_owned();
     let instance = request
         .headers()
@@ -75,7 +99,9 @@ pub(super) async fn connect(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.chars().take(64).collect::<String>());
     if let Some(instance) = &instance
-        && state.tunnels.holds_instance(&cluster.id, instance)
+        && state
+            .tunnels
+            .holds_instance(&cluster.id, instance, &token_sha256, certificate.as_ref())
     {
         // The agent reached a replica it already holds (the load balancer
         // chose it again): refuse before upgrading, the first session stays.
@@ -104,14 +130,7 @@ pub(super) async fn connect(
         .and_then(|v| v.to_str().ok())
         .map(|v| v.chars().take(64).collect())
         .unwrap_or_else(|| "unknown".to_owned());
-    // The certificate the agent presented: its expiry is what status shows.
-    let certificate_not_after = conn
-        .client_certificate
-        .as_ref()
-        .and_then(|cert| crate::pki::CertInfo::from_der(cert).ok())
-        .map(|info| info.not_after);
     let cluster_id = cluster.id.clone();
-    let token_sha256 = cluster.token_sha256();
     let remote = conn.remote;
     tokio::spawn(async move {
         let socket = match websocket::server_socket(request).await {
@@ -145,14 +164,29 @@ pub(super) async fn connect(
                 since: SystemTime::now(),
                 token_sha256,
                 instance,
+                certificate: certificate.clone(),
             },
         );
+        if let Some(cluster) = state.clusters().get(&cluster_id) {
+            offer_credentials(cluster, &session, &token_sha256);
+        }
+        if let crate::clusters::TokenUse::Previous(until) = token_use {
+            // The previous token stops at its expiry even without a new
+            // configuration (an operator that is down).
+            let state = state.clone();
+            tokio::spawn(async move {
+                let left = until.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(left).await;
+                state.apply_token_expiry();
+            });
+        }
         state.report(ConnectionEvent::Up {
             cluster: cluster_id.clone(),
             agent_version: reported_version,
             remote: remote.to_string(),
             since: SystemTime::now(),
-            certificate_not_after,
+            certificate_not_after: certificate.map(|c| c.not_after),
+            token_sha256_prefix: hex::encode(&token_sha256[..6]),
         });
         session.closed().await;
         if state.tunnels.remove_if_current(&cluster_id, generation) {
@@ -164,6 +198,31 @@ pub(super) async fn connect(
         }
     });
     response
+}
+
+/// What the configuration asks of an agent's session: the new token, if it
+/// authenticated with the previous one; a certificate renewal, while a
+/// rotation is pending. Repeats are harmless: the agent ignores what it has.
+pub(super) fn offer_credentials(cluster: &Cluster, session: &Session, token_sha256: &[u8; 32]) {
+    if let (Some(token), Some(crate::clusters::TokenUse::Previous(_))) = (
+        cluster.pending_token(),
+        cluster.token_use(token_sha256, SystemTime::now()),
+    ) {
+        session.send_credentials(
+            Message::Token {
+                token: token.to_owned(),
+            }
+            .encode(),
+        );
+    }
+    if let Some(rotation) = &cluster.certificate_rotation {
+        session.send_credentials(
+            Message::Renew {
+                rotation: rotation.clone(),
+            }
+            .encode(),
+        );
+    }
 }
 
 /// Tells every agent that holds a session per replica when the set of live

@@ -109,6 +109,8 @@ pub(crate) enum ConnectionEvent {
         since: SystemTime,
         /// Expiry of the client certificate the agent presented.
         certificate_not_after: Option<SystemTime>,
+        /// The first 12 hex digits of the presented token's SHA-256.
+        token_sha256_prefix: String,
     },
     Down {
         cluster: String,
@@ -229,8 +231,10 @@ async fn write(
             remote,
             since,
             certificate_not_after,
+            token_sha256_prefix,
             ..
         } => json!({
+            "tokenSha256Prefix": token_sha256_prefix,
             "connected": true,
             "since": rfc3339(*since),
             "agentVersion": agent_version,

@@ -216,10 +216,31 @@ impl ServerState {
         let count = clusters.len();
         let clusters = Arc::new(clusters);
         *self.clusters.write().unwrap_or_else(|p| p.into_inner()) = clusters.clone();
-        let closed = self.tunnels.retain_configured(&clusters);
+        let closed = self.close_unaccepted(&clusters);
         info!(clusters = count, closed = ?closed, "clusters configuration applied");
-        for cluster in closed {
-            self.report(kubernetes::ConnectionEvent::Down { cluster });
+        for (id, tunnel) in self.tunnels.snapshot() {
+            if let Some(cluster) = clusters.get(&id) {
+                agents::offer_credentials(cluster, &tunnel.session, &tunnel.token_sha256);
+            }
+        }
+    }
+
+    /// Ends the sessions the configuration no longer accepts.
+    fn close_unaccepted(&self, clusters: &Clusters) -> Vec<String> {
+        let closed = self.tunnels.retain_configured(clusters);
+        for cluster in &closed {
+            self.report(kubernetes::ConnectionEvent::Down {
+                cluster: cluster.clone(),
+            });
+        }
+        closed
+    }
+
+    /// At a previous token's expiry: ends the sessions that used it.
+    fn apply_token_expiry(&self) {
+        let closed = self.close_unaccepted(&self.clusters());
+        if !closed.is_empty() {
+            info!(closed = ?closed, "sessions on an expired previous token ended");
         }
     }
 

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::clusters::Clusters;
 use crate::mux::Session;
@@ -24,6 +24,8 @@ pub struct Tunnel {
     /// The agent process's instance id, from agents that hold a session
     /// per replica (they receive `Replicas` frames); `None` for older ones.
     pub instance: Option<String>,
+    /// The client certificate the agent presented (mTLS).
+    pub certificate: Option<crate::pki::CertInfo>,
 }
 
 #[derive(Default)]
@@ -41,13 +43,14 @@ impl Registry {
         self.next_generation.fetch_add(1, Ordering::Relaxed) + 1
     }
 
-    /// Makes `tunnel` the cluster's session (last writer wins) and closes the
-    /// one it replaces.
+    /// Makes `tunnel` the cluster's session (last writer wins) and retires
+    /// the one it replaces: no new streams, the open ones may finish (an
+    /// agent reconnecting with a rotated token loses no request), then it
+    /// is closed.
     pub fn insert(&self, cluster: &str, tunnel: Tunnel) {
         let replaced = self.tunnels().insert(cluster.to_owned(), tunnel);
         if let Some(old) = replaced {
-            old.session
-                .close("replaced by a newer session of the same cluster");
+            retire(old.session);
         }
     }
 
@@ -69,11 +72,22 @@ impl Registry {
         self.tunnels().get(cluster).cloned()
     }
 
-    /// Whether the same agent process already holds a live session here:
-    /// its second one is refused so the first is never disturbed.
-    pub fn holds_instance(&self, cluster: &str, instance: &str) -> bool {
+    /// Whether the same agent process already holds a live session here
+    /// with the same credentials: its second one is refused so the first is
+    /// never disturbed. With a new token or a newer certificate (a renewal)
+    /// it replaces the first.
+    pub fn holds_instance(
+        &self,
+        cluster: &str,
+        instance: &str,
+        token_sha256: &[u8; 32],
+        certificate: Option<&crate::pki::CertInfo>,
+    ) -> bool {
+        let not_before = |c: Option<&crate::pki::CertInfo>| c.map(|c| c.not_before);
         self.tunnels().get(cluster).is_some_and(|t| {
             t.instance.as_deref() == Some(instance)
+                && t.token_sha256 == *token_sha256
+                && not_before(certificate) <= not_before(t.certificate.as_ref())
                 && !t.session.is_closed()
                 && !t.session.is_draining()
         })
@@ -94,17 +108,26 @@ impl Registry {
             .collect()
     }
 
-    /// Closes the sessions of clusters that `clusters` no longer lists, or
-    /// whose token changed. Returns the ids closed.
+    /// Closes the sessions of clusters that `clusters` no longer lists,
+    /// whose token is no longer accepted (changed, or a previous one past
+    /// its overlap), or whose certificate predates a completed rotation.
+    /// Returns the ids closed.
     pub fn retain_configured(&self, clusters: &Clusters) -> Vec<String> {
+        let now = SystemTime::now();
         let stale: Vec<(String, Tunnel)> = {
             let mut tunnels = self.tunnels();
             let ids: Vec<String> = tunnels
                 .iter()
                 .filter(|(id, tunnel)| {
-                    clusters
-                        .get(id)
-                        .is_none_or(|c| !c.token_matches(&tunnel.token_sha256))
+                    clusters.get(id).is_none_or(|c| {
+                        !c.token_matches(&tunnel.token_sha256, now)
+                            || c.certificates_not_before.is_some_and(|limit| {
+                                tunnel
+                                    .certificate
+                                    .as_ref()
+                                    .is_some_and(|cert| cert.not_before < limit)
+                            })
+                    })
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -115,7 +138,7 @@ impl Registry {
         for (_, tunnel) in &stale {
             tunnel
                 .session
-                .close("cluster removed from configuration or its token changed");
+                .close("cluster removed from configuration, or its token or certificate replaced");
         }
         stale.into_iter().map(|(id, _)| id).collect()
     }
@@ -134,6 +157,23 @@ impl Registry {
             tunnel.session.close(reason);
         }
     }
+}
+
+/// How long a replaced session's open streams may take to finish.
+const RETIRE_GRACE: Duration = Duration::from_secs(30);
+
+fn retire(session: Session) {
+    session.go_away();
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + RETIRE_GRACE;
+        while session.open_streams() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::select! {
+                _ = session.closed() => return,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        session.close("replaced by a newer session of the same cluster");
+    });
 }
 
 #[cfg(test)]
@@ -159,6 +199,7 @@ mod tests {
             since: SystemTime::now(),
             token_sha256: crate::clusters::token_sha256("t"),
             instance: None,
+            certificate: None,
         }
     }
 
@@ -170,7 +211,13 @@ mod tests {
         let (g1, g2) = (registry.next_generation(), registry.next_generation());
         registry.insert("dev", tunnel(g1, old.clone()));
         registry.insert("dev", tunnel(g2, new.clone()));
-        assert!(old.is_closed(), "the replaced session is closed");
+        assert!(
+            old.is_draining(),
+            "the replaced session takes no new streams"
+        );
+        tokio::time::timeout(Duration::from_secs(1), old.closed())
+            .await
+            .expect("and with none open, it is closed at once");
         assert!(
             !registry.remove_if_current("dev", g1),
             "stale teardown is a no-op"
