@@ -17,6 +17,13 @@ pub fn init(level: &str) {
 /// The filter for `level`, with payload-logging crates capped.
 fn filter(level: &str) -> EnvFilter {
     let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Only a filter that lets trace through needs capping.
+    if filter
+        .max_level_hint()
+        .is_some_and(|max| max <= tracing_subscriber::filter::LevelFilter::DEBUG)
+    {
+        return filter;
+    }
     for target in PAYLOAD_LOGGERS {
         let named = level
             .split(',')
@@ -59,6 +66,7 @@ mod tests {
         for target in PAYLOAD_LOGGERS {
             assert!(capped.contains(&format!("{target}=debug")), "{capped:?}");
         }
+        assert_eq!(directives("info"), ["info"], "nothing raised below trace");
         let asked = directives("trace,tungstenite=trace");
         assert!(asked.contains(&"tungstenite=trace".to_owned()), "{asked:?}");
         assert!(

@@ -15,6 +15,10 @@ const CRD: &str = concat!(
     "/../crds/proxiedclusters.tether.dev.yaml"
 );
 
+/// Short enough to watch the agent renew its certificate (at two thirds)
+/// during the run; the operator's `--min-cert-duration` is lowered for it.
+const AGENT_CERT_LIFETIME: &str = "90s";
+
 fn proxied_cluster(
     name: &str,
     namespace: &str,
@@ -23,7 +27,7 @@ fn proxied_cluster(
     agent_namespace: &str,
 ) -> String {
     format!(
-        "apiVersion: tether.dev/v1alpha1\nkind: ProxiedCluster\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  targetAddress: \"{target}\"\n  publicUrl: wss://localhost:{public_port}\n  agent:\n    namespace: {agent_namespace}\n"
+        "apiVersion: tether.dev/v1alpha1\nkind: ProxiedCluster\nmetadata:\n  name: {name}\n  namespace: {namespace}\nspec:\n  targetAddress: \"{target}\"\n  publicUrl: wss://localhost:{public_port}\n  agent:\n    namespace: {agent_namespace}\n  certificates:\n    agentDuration: {AGENT_CERT_LIFETIME}\n"
     )
 }
 
@@ -181,6 +185,8 @@ fn a_proxied_cluster_end_to_end() {
             &format!("tether-operator-{run}"),
             "--lease-duration",
             "5s",
+            "--min-cert-duration",
+            "60s",
         ]
         .map(str::to_owned),
         &operator_env,
@@ -280,16 +286,15 @@ fn a_proxied_cluster_end_to_end() {
     ]);
     k.ok(&["apply", "-f", &bundle.display().to_string()]);
 
-    // The agent, with the bundle's credentials and a real ServiceAccount token.
+    // The agent, as the bundle runs it: its Secret as a credentials
+    // directory (what the kubelet mounts), renewals written back to that
+    // Secret with the bundle's RBAC and a real ServiceAccount token.
+    let credentials = d.join("agent-credentials");
+    std::fs::create_dir(&credentials).expect("dir");
     for key in ["token", "tls.crt", "tls.key", "ca.crt"] {
-        secret_file(
-            &k,
-            &agent_ns,
-            "tether-agent",
-            key,
-            &d.join(format!("agent-{key}")),
-        );
+        secret_file(&k, &agent_ns, "tether-agent", key, &credentials.join(key));
     }
+    let handed_over = std::fs::read_to_string(credentials.join("tls.crt")).expect("tls.crt");
     let sa_token = k.ok(&[
         "create",
         "token",
@@ -305,14 +310,10 @@ fn a_proxied_cluster_end_to_end() {
         &[
             "--server".to_owned(),
             format!("wss://localhost:{public}"),
-            "--token-file".to_owned(),
-            d.join("agent-token").display().to_string(),
-            "--client-cert".to_owned(),
-            d.join("agent-tls.crt").display().to_string(),
-            "--client-key".to_owned(),
-            d.join("agent-tls.key").display().to_string(),
-            "--server-ca-cert".to_owned(),
-            d.join("agent-ca.crt").display().to_string(),
+            "--credentials-dir".to_owned(),
+            credentials.display().to_string(),
+            "--credentials-secret".to_owned(),
+            "tether-agent".to_owned(),
             "--target".to_owned(),
             target.clone(),
             "--ca-cert".to_owned(),
@@ -322,7 +323,7 @@ fn a_proxied_cluster_end_to_end() {
             "--health-addr".to_owned(),
             format!("127.0.0.1:{}", free_port()),
         ],
-        &[],
+        &[("POD_NAMESPACE", Path::new(&agent_ns))],
         d.join("agent.log"),
     );
     eventually(
@@ -465,6 +466,89 @@ fn a_proxied_cluster_end_to_end() {
     let _ = watch.kill();
     let _ = watch.wait();
     through.ok(&["delete", "namespace", &work, "--wait=false"]);
+
+    // The agent renews its certificate over the tunnel: a real
+    // CertificateSigningRequest, approved and signed by the operator, the
+    // new certificate in the agent's Secret (through the API, with the
+    // bundle's RBAC), presented, and shown by `kubectl get proxiedclusters`.
+    let handed_over_expiry = tether::pki::CertInfo::from_pem(&handed_over)
+        .expect("certificate")
+        .not_after;
+    let renewed = eventually(
+        Duration::from_secs(150),
+        "the agent's Secret holds a renewed certificate",
+        || {
+            let data = k.field("secret", "tether-agent", &agent_ns, "{.data.tls\\.crt}");
+            use base64::Engine;
+            let pem = base64::engine::general_purpose::STANDARD
+                .decode(data.trim())
+                .ok()?;
+            let pem = String::from_utf8(pem).ok()?;
+            (pem != handed_over).then_some(pem)
+        },
+    );
+    let renewed = tether::pki::CertInfo::from_pem(&renewed).expect("certificate");
+    assert_eq!(renewed.cluster.as_deref(), Some(id.as_str()));
+    assert!(renewed.not_after > handed_over_expiry);
+    let requests = k.json(&[
+        "get",
+        "certificatesigningrequests",
+        "-l",
+        &format!("tether.dev/cluster={id}"),
+    ]);
+    let signed = requests["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter(|csr| {
+            csr["spec"]["signerName"] == "tether.dev/agent"
+                && csr["status"]["certificate"].is_string()
+                && csr["status"]["conditions"]
+                    .as_array()
+                    .is_some_and(|c| c.iter().any(|c| c["type"] == "Approved"))
+        })
+        .count();
+    assert!(signed >= 1, "an approved and signed CSR: {requests}");
+    let shown = eventually(
+        Duration::from_secs(60),
+        "CERT EXPIRES shows the renewed certificate",
+        || {
+            let shown = k.field(
+                "proxiedcluster",
+                &id,
+                &tenants,
+                "{.status.certificates.agentNotAfter}",
+            );
+            let at: std::time::SystemTime = shown.parse::<jiff::Timestamp>().ok()?.into();
+            (at > handed_over_expiry).then_some(shown)
+        },
+    );
+    println!("renewed over the tunnel; CERT EXPIRES now {shown}");
+    through.ok(&["get", "namespaces", "-o", "name"]);
+    // The new private key exists in the customer cluster's Secret only.
+    let key = k.field("secret", "tether-agent", &agent_ns, "{.data.tls\\.key}");
+    let key = {
+        use base64::Engine;
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(key.trim())
+                .expect("base64"),
+        )
+        .expect("PEM")
+    };
+    let outside = [
+        k.ok(&["get", "certificatesigningrequests", "-o", "json"]),
+        k.ok(&["get", "proxiedcluster", &id, "-n", &tenants, "-o", "json"]),
+        std::fs::read_to_string(d.join("operator.log")).unwrap_or_default(),
+        std::fs::read_to_string(d.join("e2e-server-0.log")).unwrap_or_default(),
+        std::fs::read_to_string(d.join("e2e-server-1.log")).unwrap_or_default(),
+    ];
+    for line in key.lines().filter(|l| !l.starts_with("-----")) {
+        assert!(
+            outside.iter().all(|text| !text.contains(line)),
+            "a line of the agent's private key is outside the customer cluster"
+        );
+    }
 
     // Deleting the ProxiedCluster removes what it owned, and the agent is cut off.
     k.ok(&[

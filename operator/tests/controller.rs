@@ -478,13 +478,13 @@ async fn certificates_near_expiry_are_renewed() {
     .await;
     op.wait_ready("renewing").await;
     // Swap in a certificate from the same CA, for the same request, that is
-    // past two thirds of its life.
+    // two thirds through its life in two seconds.
     let ca_secret = op.secret("tether-system", "tether-ca").expect("CA");
     let ca =
         CertificateAuthority::from_pem(&data(&ca_secret, "tls.crt"), &data(&ca_secret, "tls.key"))
             .expect("CA");
     let old = ca
-        .issue(&LeafRequest::agent("renewing", Duration::from_secs(30)))
+        .issue(&LeafRequest::agent("renewing", Duration::from_secs(3)))
         .expect("leaf");
     let secrets: Api<Secret> = Api::namespaced(op.client.clone(), NS);
     let mut current = secrets
