@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::{Api, Client};
 use tether::pki::{CertInfo, CertificateAuthority, Issued, LeafRequest, PkiError};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::argocd::ClientTls;
 use crate::objects::{Applied, ensure_secret, secret_text};
@@ -87,6 +87,20 @@ pub fn issued_from(secret: &Secret) -> Option<(Issued, CertInfo, Option<String>)
     ))
 }
 
+/// A CA that expires ends every agent's tunnel: its expiry is logged at
+/// every load, as a warning in its last year.
+fn announce_ca_expiry(cert_pem: &str) {
+    let Ok(info) = CertInfo::from_pem(cert_pem) else {
+        return;
+    };
+    const YEAR: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+    match info.not_after.duration_since(SystemTime::now()) {
+        Ok(left) if left > YEAR => info!(not_after = ?info.not_after, "tether CA loaded"),
+        _ => warn!(not_after = ?info.not_after,
+            "the tether CA expires within a year: every bundle will need replacing (README: The CA)"),
+    }
+}
+
 /// Loads the CA, or creates it on first start. A concurrent creator (another
 /// replica) wins cleanly: its CA is read back.
 async fn ensure_ca(
@@ -99,6 +113,7 @@ async fn ensure_ca(
             .ok_or_else(|| GlobalPkiError::Missing(name.clone(), "tls.crt"))?;
         let key = secret_text(&existing, "tls.key")
             .ok_or_else(|| GlobalPkiError::Missing(name.clone(), "tls.key"))?;
+        announce_ca_expiry(&cert);
         return Ok(CertificateAuthority::from_pem(&cert, &key)?);
     }
     let ca = CertificateAuthority::generate("tether operator CA", settings.ca_duration)?;
