@@ -63,14 +63,16 @@ pub struct ExportArgs {
 
 #[derive(Debug, Args)]
 pub struct RenderArgs {
-    /// ProxiedCluster manifest (YAML).
+    /// ProxiedCluster manifest (YAML; `-` reads standard input). A file of
+    /// several documents gives one bundle per ProxiedCluster in it.
     #[arg(short = 'f', long)]
     pub file: PathBuf,
     /// Holds the CA (ca.crt, ca.key) and each cluster's token (tokens/<id>);
     /// created on first use, reused after.
     #[arg(long)]
     pub ca_dir: PathBuf,
-    /// Output file for the agent bundle.
+    /// Output file for the agent bundle; with several ProxiedClusters, a
+    /// directory that gets `<cluster-id>.yaml` for each.
     #[arg(short, long)]
     pub output: PathBuf,
     /// Where the server side goes: clusters.json (merged across renders),
@@ -232,22 +234,86 @@ fn load_or_issue(
     Ok(issued)
 }
 
+/// Every ProxiedCluster in a YAML stream of one or more documents (a GitOps
+/// file may hold other objects beside them). Says which kinds it found when
+/// there is none.
+pub fn proxied_clusters_in(manifest: &str, source: &str) -> anyhow::Result<Vec<ProxiedCluster>> {
+    use serde::Deserialize;
+    let mut found = Vec::new();
+    let mut kinds = Vec::new();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(manifest).enumerate() {
+        let value = serde_json::Value::deserialize(document)
+            .with_context(|| format!("{source}: document {} is not valid YAML", index + 1))?;
+        if value.is_null() {
+            continue;
+        }
+        let kind = value["kind"].as_str().unwrap_or("(no kind)").to_owned();
+        if kind == "ProxiedCluster" {
+            let pc: ProxiedCluster = serde_json::from_value(value).with_context(|| {
+                format!(
+                    "{source}: document {} is not a valid ProxiedCluster",
+                    index + 1
+                )
+            })?;
+            found.push(pc);
+        } else {
+            kinds.push(kind);
+        }
+    }
+    if found.is_empty() {
+        anyhow::bail!(
+            "{source} holds no ProxiedCluster (found: {})",
+            if kinds.is_empty() {
+                "nothing".to_owned()
+            } else {
+                kinds.join(", ")
+            }
+        );
+    }
+    Ok(found)
+}
+
 fn render(args: RenderArgs) -> anyhow::Result<()> {
     tether::install_crypto_provider();
-    let manifest = std::fs::read_to_string(&args.file)
-        .with_context(|| format!("reading {}", args.file.display()))?;
-    let pc: ProxiedCluster = serde_yaml_ng::from_str(&manifest)
-        .with_context(|| format!("{} is not a ProxiedCluster", args.file.display()))?;
+    let (manifest, source) = if args.file == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading standard input")?;
+        (text, "standard input".to_owned())
+    } else {
+        let text = std::fs::read_to_string(&args.file)
+            .with_context(|| format!("reading {}", args.file.display()))?;
+        (text, args.file.display().to_string())
+    };
+    let clusters = proxied_clusters_in(&manifest, &source)?;
+    let several = clusters.len() > 1;
+    for pc in clusters {
+        let output = if several {
+            args.output.join(format!("{}.yaml", pc.cluster_id()))
+        } else {
+            args.output.clone()
+        };
+        render_one(&args, &pc, &source, &output)?;
+    }
+    Ok(())
+}
+
+fn render_one(
+    args: &RenderArgs,
+    pc: &ProxiedCluster,
+    source: &str,
+    output: &Path,
+) -> anyhow::Result<()> {
     let ValidSpec {
         cluster_id: id,
         agent_cert_lifetime: lifetime,
         public_url,
     } = validate_spec(
-        &pc,
+        pc,
         args.public_url.as_deref(),
         crate::settings::Settings::defaults().min_cert_duration,
     )
-    .map_err(|problem| anyhow::anyhow!("{}: {problem}", args.file.display()))?;
+    .map_err(|problem| anyhow::anyhow!("{source}: {}: {problem}", pc.name_any()))?;
     let ca = load_or_create_ca(&args.ca_dir)?;
 
     // The token is kept beside the CA so a re-render reuses it.
@@ -271,7 +337,7 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
     settings.public_url = Some(public_url.clone());
     settings.server_hostnames = args.server_hostnames.clone();
     let server_dir = args.server_dir.clone().unwrap_or_else(|| {
-        args.output
+        output
             .parent()
             .unwrap_or(Path::new("."))
             .join("tether-server")
@@ -323,8 +389,7 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
         key_pem: argocd_cert.key_pem.clone(),
     };
     let server_url = settings.tunnel_url(&id);
-    let registration =
-        argocd::secret_for(&pc, &settings, &args.argocd_namespace, Some(&argocd_tls));
+    let registration = argocd::secret_for(pc, &settings, &args.argocd_namespace, Some(&argocd_tls));
     let mut clusters_secret = Secret::default();
     clusters_secret.metadata.name = Some(settings.clusters_secret.clone());
     clusters_secret.metadata.namespace = Some(settings.namespace.clone());
@@ -364,7 +429,7 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
     )?;
 
     let input = BundleInput::for_cluster(
-        &pc,
+        pc,
         &settings.agent_image,
         Some(&public_url),
         &token,
@@ -376,10 +441,10 @@ fn render(args: RenderArgs) -> anyhow::Result<()> {
         ..input
     };
     let rendered = bundle::render(&input)?;
-    write_secret_output(&args.output, &rendered.yaml)?;
+    write_secret_output(output, &rendered.yaml)?;
     eprintln!(
         "bundle for cluster {id} written to {} (sha256 {}); server side in {}; url for {}: {}",
-        args.output.display(),
+        output.display(),
         rendered.sha256,
         server_dir.display(),
         url_host(&public_url).unwrap_or("?"),

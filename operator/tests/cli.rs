@@ -245,6 +245,125 @@ async fn offline_render_runs_a_real_tunnel_and_keeps_clusters_apart() {
     server.shutdown().await;
 }
 
+/// A GitOps file holds ProxiedClusters beside other objects: each gets its
+/// bundle; a file with none says so; `-f -` reads standard input.
+#[test]
+fn render_takes_every_proxied_cluster_of_a_multi_document_file() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
+    let render = |file: &str, output: &Path| {
+        kubectl_tether(
+            &[
+                "bundle",
+                "render",
+                "-f",
+                file,
+                "--ca-dir",
+                &d.join("ca").display().to_string(),
+                "-o",
+                &output.display().to_string(),
+                "--public-url",
+                "wss://tether.example.com:8443",
+            ],
+            None,
+        )
+    };
+    // The quick start's example: a Namespace, then the ProxiedCluster.
+    let out = render(
+        &format!("{examples}/proxiedcluster.yaml"),
+        &d.join("a.yaml"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read_to_string(d.join("a.yaml"))
+            .expect("bundle")
+            .contains("kind: Deployment")
+    );
+
+    let several = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: tenants\n---\n{}---\n{}",
+        manifest(
+            "one",
+            "wss://tether.example.com:8443",
+            "kubernetes.default.svc:443"
+        ),
+        manifest(
+            "two",
+            "wss://tether.example.com:8443",
+            "kubernetes.default.svc:443"
+        ),
+    );
+    std::fs::write(d.join("several.yaml"), several).expect("write");
+    let out = render(
+        &d.join("several.yaml").display().to_string(),
+        &d.join("bundles"),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for id in ["one", "two"] {
+        let bundle = std::fs::read_to_string(d.join("bundles").join(format!("{id}.yaml")))
+            .expect("one bundle per ProxiedCluster");
+        assert!(bundle.contains(&format!("for cluster {id}")));
+    }
+
+    let out = render(
+        &format!("{examples}/argocd-application.yaml"),
+        &d.join("x.yaml"),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("holds no ProxiedCluster (found: Application"),
+        "{stderr}"
+    );
+
+    let mut child = Command::new(CLI)
+        .args([
+            "bundle",
+            "render",
+            "-f",
+            "-",
+            "--ca-dir",
+            &d.join("ca").display().to_string(),
+            "-o",
+            &d.join("stdin.yaml").display().to_string(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("runs");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(
+            manifest(
+                "piped",
+                "wss://tether.example.com:8443",
+                "kubernetes.default.svc:443",
+            )
+            .as_bytes(),
+        )
+        .expect("write");
+    let out = child.wait_with_output().expect("ends");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(d.join("stdin.yaml").exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_and_status_read_from_the_cluster() {
     tether::install_crypto_provider();
