@@ -9,6 +9,7 @@ use rcgen::{
     Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
 };
 use rustls::pki_types::CertificateDer;
+use sha2::Digest;
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -369,6 +370,9 @@ pub struct CertInfo {
     pub not_before: SystemTime,
     pub not_after: SystemTime,
     pub cluster: Option<String>,
+    /// SHA-256 of the DER: tells two certificates apart (validity times
+    /// have one-second resolution).
+    pub fingerprint: [u8; 32],
 }
 
 impl CertInfo {
@@ -387,6 +391,7 @@ impl CertInfo {
             not_before: to_system(parsed.validity().not_before),
             not_after: to_system(parsed.validity().not_after),
             cluster: cluster_identity(der)?,
+            fingerprint: sha2::Sha256::digest(der.as_ref()).into(),
         })
     }
 

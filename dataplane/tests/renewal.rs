@@ -447,13 +447,24 @@ async fn a_requested_rotation_replaces_the_certificate_and_retires_the_old_one()
     let old_key = env.world.pki.path("old.key");
     std::fs::copy(env.dir.join(CERT_FILE), &old_cert).expect("copy");
     std::fs::copy(env.dir.join(KEY_FILE), &old_key).expect("copy");
-    let requested = SystemTime::now();
+    // Validity times have one-second resolution: a certificate issued in
+    // the second of the request cannot be told from one issued after it
+    // (both are kept, so the agent is never cut off). Ask a second later.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    // In whole seconds, as the operator records it (status times).
+    let requested = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs(),
+        );
     env.configure_dev(
         AGENT_TOKEN,
         serde_json::json!({"certificateRotation": "leak-1"}),
     );
     env.eventually("the agent renewed for the rotation", || {
-        env.current().not_before > env.first.not_before
+        env.current().fingerprint != env.first.fingerprint
     })
     .await;
     // What the operator writes once it signed after the request.

@@ -939,8 +939,10 @@ pub struct RotationState {
 /// Advances `spec.certificates.rotation`: requested, then completed once
 /// the operator signed a renewal after the request. Certificates are
 /// back-dated by [`tether::pki::BACKDATE`], so those starting before the
-/// request minus that were all issued before it. Returns the Event to
-/// record, if the state moved.
+/// request minus that were all issued before it. (Validity times have
+/// one-second resolution: one issued in the very second of the request is
+/// kept, as the agent's new one may be.) Returns the Event to record, if
+/// the state moved.
 pub fn certificate_rotation(
     wanted: Option<&str>,
     previous: Option<&CertificatesStatus>,
@@ -966,10 +968,13 @@ pub fn certificate_rotation(
             )),
         ),
     };
+    // Status times have one-second resolution: a renewal signed in the
+    // second of the request counts (it was made with a new key at that
+    // moment), else a quick agent would leave the rotation pending for good.
     if previous
         .last_signed
         .as_ref()
-        .is_some_and(|signed| signed.0 > requested.0)
+        .is_some_and(|signed| signed.0 >= requested.0)
     {
         let not_before = Timestamp::try_from(SystemTime::from(requested.0) - tether::pki::BACKDATE)
             .ok()
@@ -1255,6 +1260,15 @@ mod tests {
             last_signed: Some(Time(later(-1))),
             ..Default::default()
         };
+        let mut same_second = status.clone();
+        same_second.last_signed = Some(Time(t0));
+        assert!(
+            certificate_rotation(Some("r1"), Some(&same_second), later(1))
+                .0
+                .rotation
+                .is_some(),
+            "signed in the second of the request: counts"
+        );
         let (again, event) = certificate_rotation(Some("r1"), Some(&status), later(30));
         assert_eq!(again, state, "still pending, same request time");
         assert!(event.is_none(), "no repeated event");

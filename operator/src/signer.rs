@@ -32,7 +32,8 @@ const MIN_EXPIRATION: Duration = Duration::from_secs(600);
 /// What to do with a CertificateSigningRequest.
 #[derive(Debug)]
 pub enum Decision {
-    /// Not ours, or already decided and signed.
+    /// Not ours (another signer, or not requested by this installation's
+    /// tether-server), or already decided and signed.
     Ignore,
     Deny(String),
     /// Approve (if not yet) and sign the checked request, valid for
@@ -76,11 +77,11 @@ pub fn decide(
     {
         return Decision::Ignore;
     }
+    // Not this installation's server: another tether (or someone with
+    // create rights) made it. Never approved here, and not denied either,
+    // in case it is another installation's to sign.
     if spec.username.as_deref() != Some(server_username) {
-        return Decision::Deny(format!(
-            "requested by {:?}; only {server_username} requests agent certificates",
-            spec.username.as_deref().unwrap_or("nobody")
-        ));
+        return Decision::Ignore;
     }
     let Some(id) = csr.labels().get(CLUSTER_LABEL) else {
         return Decision::Deny(format!("no {CLUSTER_LABEL} label"));
@@ -308,14 +309,6 @@ mod tests {
         let (byo, _) = AgentRequest::create("byo").expect("csr");
         let (prod, _) = AgentRequest::create("prod").expect("csr");
         for (request, expected) in [
-            (
-                csr(
-                    "dev",
-                    &dev,
-                    json!({"spec": {"username": "system:serviceaccount:x:y"}}),
-                ),
-                "only system:serviceaccount:tether-system:tether-server",
-            ),
             (csr("dev", &prod, json!({})), "identity \"prod\""),
             (
                 csr("prod", &prod, json!({})),
@@ -353,9 +346,10 @@ mod tests {
     }
 
     #[test]
-    fn ignores_other_signers_and_finished_requests() {
+    fn ignores_other_signers_other_requesters_and_finished_requests() {
         let (dev, _) = AgentRequest::create("dev").expect("csr");
         for patch in [
+            json!({"spec": {"username": "system:serviceaccount:x:y"}}),
             json!({"spec": {"signerName": "kubernetes.io/kube-apiserver-client"}}),
             json!({"status": {"conditions": [{"type": "Denied", "status": "True"}]}}),
             json!({"status": {"certificate": ByteString(b"pem".to_vec())}}),

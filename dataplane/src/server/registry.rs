@@ -74,7 +74,7 @@ impl Registry {
 
     /// Whether the same agent process already holds a live session here
     /// with the same credentials: its second one is refused so the first is
-    /// never disturbed. With a new token or a newer certificate (a renewal)
+    /// never disturbed. With a new token or another certificate (a renewal)
     /// it replaces the first.
     pub fn holds_instance(
         &self,
@@ -83,11 +83,11 @@ impl Registry {
         token_sha256: &[u8; 32],
         certificate: Option<&crate::pki::CertInfo>,
     ) -> bool {
-        let not_before = |c: Option<&crate::pki::CertInfo>| c.map(|c| c.not_before);
+        let fingerprint = |c: Option<&crate::pki::CertInfo>| c.map(|c| c.fingerprint);
         self.tunnels().get(cluster).is_some_and(|t| {
             t.instance.as_deref() == Some(instance)
                 && t.token_sha256 == *token_sha256
-                && not_before(certificate) <= not_before(t.certificate.as_ref())
+                && fingerprint(certificate) == fingerprint(t.certificate.as_ref())
                 && !t.session.is_closed()
                 && !t.session.is_draining()
         })
