@@ -282,22 +282,25 @@ impl Clusters {
         Ok(Self { clusters })
     }
 
-    /// The cluster `token` belongs to. Every configured hash is compared in
-    /// constant time, with no early exit, so timing tells nothing about
-    /// which (or whether a) cluster matched.
-    pub fn authenticate(&self, token: &str, now: SystemTime) -> Option<(&Cluster, TokenUse)> {
-        let presented = token_sha256(token);
+    /// The cluster whose token has the SHA-256 `presented`. Every
+    /// configured hash is compared in constant time, with no early exit, so
+    /// timing tells nothing about which (or whether a) cluster matched.
+    pub fn authenticate(
+        &self,
+        presented: &[u8; 32],
+        now: SystemTime,
+    ) -> Option<(&Cluster, TokenUse)> {
         let mut found: u32 = 0; // index + 1; 0 = none
         for (index, cluster) in self.clusters.iter().enumerate() {
             let candidate = index as u32 + 1;
             let accepted =
-                subtle::Choice::from(u8::from(cluster.token_use(&presented, now).is_some()));
+                subtle::Choice::from(u8::from(cluster.token_use(presented, now).is_some()));
             found.conditional_assign(&candidate, accepted);
         }
         let cluster = found
             .checked_sub(1)
             .and_then(|index| self.clusters.get(index as usize))?;
-        Some((cluster, cluster.token_use(&presented, now)?))
+        Some((cluster, cluster.token_use(presented, now)?))
     }
 
     pub fn get(&self, id: &str) -> Option<&Cluster> {
@@ -341,18 +344,18 @@ mod tests {
         let now = SystemTime::now();
         assert_eq!(
             clusters
-                .authenticate("alpha-token", now)
+                .authenticate(&token_sha256("alpha-token"), now)
                 .map(|(c, u)| (c.id.as_str(), u)),
             Some(("alpha", TokenUse::Current))
         );
         assert_eq!(
             clusters
-                .authenticate("beta-token", now)
+                .authenticate(&token_sha256("beta-token"), now)
                 .map(|(c, _)| c.id.as_str()),
             Some("beta")
         );
-        assert!(clusters.authenticate("wrong", now).is_none());
-        assert!(clusters.authenticate("", now).is_none());
+        assert!(clusters.authenticate(&token_sha256("wrong"), now).is_none());
+        assert!(clusters.authenticate(&token_sha256(""), now).is_none());
     }
 
     #[test]
@@ -371,15 +374,21 @@ mod tests {
         let after = before + std::time::Duration::from_secs(2);
         let until: SystemTime = before + std::time::Duration::from_secs(1);
         assert_eq!(
-            clusters.authenticate("old-token", before).map(|(_, u)| u),
+            clusters
+                .authenticate(&token_sha256("old-token"), before)
+                .map(|(_, u)| u),
             Some(TokenUse::Previous(until))
         );
         assert!(
-            clusters.authenticate("old-token", after).is_none(),
+            clusters
+                .authenticate(&token_sha256("old-token"), after)
+                .is_none(),
             "refused after the overlap"
         );
         assert_eq!(
-            clusters.authenticate("new-token", after).map(|(_, u)| u),
+            clusters
+                .authenticate(&token_sha256("new-token"), after)
+                .map(|(_, u)| u),
             Some(TokenUse::Current)
         );
         let cluster = clusters.get("a").expect("a");

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 /// the server sends the others. The cluster a request is for is the
 /// session's, never something the message says; unknown fields are
 /// ignored, so a newer peer may add some.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     tag = "kind",
     rename_all = "camelCase",
@@ -33,6 +33,22 @@ pub enum Message {
     /// The cluster's new token: use it from now on (the one presented is
     /// accepted only for a while longer).
     Token { token: String },
+}
+
+/// Never prints a token: only its kind, and the fields that are public.
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Message::Token { .. } => f.write_str("Token { .. }"),
+            Message::Refused { reason } => {
+                f.debug_struct("Refused").field("reason", reason).finish()
+            }
+            Message::Renew { rotation } => {
+                f.debug_struct("Renew").field("rotation", rotation).finish()
+            }
+            other => write!(f, "{} {{ .. }}", other.kind()),
+        }
+    }
 }
 
 impl Message {
@@ -89,40 +105,66 @@ impl CredentialsDir {
     /// Makes `updates` (file name, contents) current, keeping the other
     /// files as they are. Files are mode 0600.
     pub fn save(&self, updates: &[(&str, &[u8])]) -> std::io::Result<()> {
-        let version = format!("..{}", hex::encode(rand::random::<[u8; 8]>()));
-        let staged = self.dir.join(&version);
-        std::fs::create_dir(&staged)?;
-        for name in FILES {
-            let contents = match updates.iter().find(|(file, _)| *file == name) {
-                Some((_, contents)) => contents.to_vec(),
-                None => match std::fs::read(self.path(name)) {
-                    Ok(contents) => contents,
-                    Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-                    Err(err) => return Err(err),
-                },
-            };
-            write_private(&staged.join(name), &contents)?;
-        }
-        sync_dir(&staged)?;
+        let version = self.stage(
+            |name| match updates.iter().find(|(file, _)| *file == name) {
+                Some((_, contents)) => Ok(Some(contents.to_vec())),
+                None => self.read(name),
+            },
+        )?;
         // First save into a directory of plain files: turn each into a link
         // to a copy of itself, one by one, so every moment holds one
         // consistent set; then switch versions.
         if std::fs::read_link(self.dir.join(CURRENT)).is_err() {
-            self.link_plain_files()?;
+            let copy = self.stage(|name| self.read(name))?;
+            self.make_current(&copy)?;
         }
         let previous = std::fs::read_link(self.dir.join(CURRENT)).ok();
-        let link = self.dir.join(format!("{CURRENT}_tmp"));
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&version, &link)?;
-        std::fs::rename(&link, self.dir.join(CURRENT))?;
-        for name in FILES {
-            if staged.join(name).exists() && !self.is_link(name) {
-                self.link(name)?;
-            }
-        }
+        self.make_current(&version)?;
         sync_dir(&self.dir)?;
         if let Some(previous) = previous.filter(|p| p.as_os_str() != version.as_str()) {
             let _ = std::fs::remove_dir_all(self.dir.join(previous));
+        }
+        Ok(())
+    }
+
+    /// A file's contents as they are now; `None` when there is no such file.
+    fn read(&self, name: &str) -> std::io::Result<Option<Vec<u8>>> {
+        match std::fs::read(self.path(name)) {
+            Ok(contents) => Ok(Some(contents)),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Writes a new version directory holding what `contents` gives for
+    /// each file (`None`: left out), synced; returns its name.
+    fn stage(
+        &self,
+        contents: impl Fn(&str) -> std::io::Result<Option<Vec<u8>>>,
+    ) -> std::io::Result<String> {
+        let version = format!("..{}", hex::encode(rand::random::<[u8; 8]>()));
+        let staged = self.dir.join(&version);
+        std::fs::create_dir(&staged)?;
+        for name in FILES {
+            if let Some(contents) = contents(name)? {
+                write_private(&staged.join(name), &contents)?;
+            }
+        }
+        sync_dir(&staged)?;
+        Ok(version)
+    }
+
+    /// Points `..data` at `version` (one rename), then links each file it
+    /// holds that is not a link yet.
+    fn make_current(&self, version: &str) -> std::io::Result<()> {
+        let link = self.dir.join(format!("{CURRENT}_tmp"));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(version, &link)?;
+        std::fs::rename(&link, self.dir.join(CURRENT))?;
+        for name in FILES {
+            if self.dir.join(version).join(name).exists() && !self.is_link(name) {
+                self.link(name)?;
+            }
         }
         Ok(())
     }
@@ -137,30 +179,6 @@ impl CredentialsDir {
         let _ = std::fs::remove_file(&tmp);
         std::os::unix::fs::symlink(Path::new(CURRENT).join(name), &tmp)?;
         std::fs::rename(&tmp, self.path(name))
-    }
-
-    fn link_plain_files(&self) -> std::io::Result<()> {
-        let version = format!("..{}", hex::encode(rand::random::<[u8; 8]>()));
-        let copy = self.dir.join(&version);
-        std::fs::create_dir(&copy)?;
-        for name in FILES {
-            match std::fs::read(self.path(name)) {
-                Ok(contents) => write_private(&copy.join(name), &contents)?,
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                Err(err) => return Err(err),
-            }
-        }
-        sync_dir(&copy)?;
-        let link = self.dir.join(format!("{CURRENT}_tmp"));
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(&version, &link)?;
-        std::fs::rename(&link, self.dir.join(CURRENT))?;
-        for name in FILES {
-            if copy.join(name).exists() {
-                self.link(name)?;
-            }
-        }
-        Ok(())
     }
 }
 
@@ -213,6 +231,10 @@ mod tests {
             br#"{"kind":"renew","rotation":"r1"}"#,
             "the wire form docs/protocol.md shows"
         );
+        let token = Message::Token {
+            token: "secret-token".into(),
+        };
+        assert!(!format!("{token:?}").contains("secret-token"));
         for bad in [
             &b"{}"[..],
             br#"{"kind":"certificateRequest"}"#,

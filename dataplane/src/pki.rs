@@ -390,7 +390,7 @@ impl CertInfo {
         Ok(Self {
             not_before: to_system(parsed.validity().not_before),
             not_after: to_system(parsed.validity().not_after),
-            cluster: cluster_identity(der)?,
+            cluster: identity_of(&parsed),
             fingerprint: sha2::Sha256::digest(der.as_ref()).into(),
         })
     }
@@ -415,20 +415,25 @@ impl CertInfo {
 /// issuers, such as cert-manager, often carry only a CN).
 pub fn cluster_identity(cert: &CertificateDer<'_>) -> Result<Option<String>, PkiError> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).map_err(|_| PkiError::Parse)?;
+    Ok(identity_of(&parsed))
+}
+
+/// [`cluster_identity`] of a parsed certificate.
+fn identity_of(parsed: &X509Certificate<'_>) -> Option<String> {
     if let Ok(Some(sans)) = parsed.subject_alternative_name()
         && let Some(id) = sans.value.general_names.iter().find_map(|name| match name {
             GeneralName::URI(uri) => uri.strip_prefix(CLUSTER_URI_PREFIX).map(str::to_owned),
             _ => None,
         })
     {
-        return Ok(Some(id));
+        return Some(id);
     }
-    Ok(parsed
+    parsed
         .subject()
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
-        .map(str::to_owned))
+        .map(str::to_owned)
 }
 
 /// The DNS names a certificate is valid for.

@@ -41,14 +41,20 @@ fn without_deployments(manifests: &str) -> String {
         .collect()
 }
 
-fn secret_file(k: &Kubectl, namespace: &str, name: &str, key: &str, path: &Path) {
+/// One key of a Secret, decoded; `None` while it is missing or not text.
+fn secret_text(k: &Kubectl, namespace: &str, name: &str, key: &str) -> Option<String> {
     let escaped = key.replace('.', "\\.");
     let data = k.field("secret", name, namespace, &format!("{{.data.{escaped}}}"));
     use base64::Engine;
     let bytes = base64::engine::general_purpose::STANDARD
         .decode(data.trim())
-        .expect("base64");
-    std::fs::write(path, bytes).expect("write");
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn secret_file(k: &Kubectl, namespace: &str, name: &str, key: &str, path: &Path) {
+    let text = secret_text(k, namespace, name, key).expect("a Secret key holding text");
+    std::fs::write(path, text).expect("write");
 }
 
 /// Removes what a run created, also when it fails half-way. The operator
@@ -491,12 +497,7 @@ fn a_proxied_cluster_end_to_end() {
         Duration::from_secs(150),
         "the agent's Secret holds a renewed certificate",
         || {
-            let data = k.field("secret", "tether-agent", &agent_ns, "{.data.tls\\.crt}");
-            use base64::Engine;
-            let pem = base64::engine::general_purpose::STANDARD
-                .decode(data.trim())
-                .ok()?;
-            let pem = String::from_utf8(pem).ok()?;
+            let pem = secret_text(&k, &agent_ns, "tether-agent", "tls.crt")?;
             (pem != handed_over).then_some(pem)
         },
     );
@@ -539,16 +540,7 @@ fn a_proxied_cluster_end_to_end() {
     println!("renewed over the tunnel; CERT EXPIRES now {shown}");
     through.ok(&["get", "namespaces", "-o", "name"]);
     // The new private key exists in the customer cluster's Secret only.
-    let key = k.field("secret", "tether-agent", &agent_ns, "{.data.tls\\.key}");
-    let key = {
-        use base64::Engine;
-        String::from_utf8(
-            base64::engine::general_purpose::STANDARD
-                .decode(key.trim())
-                .expect("base64"),
-        )
-        .expect("PEM")
-    };
+    let key = secret_text(&k, &agent_ns, "tether-agent", "tls.key").expect("the agent's key");
     let outside = [
         k.ok(&["get", "certificatesigningrequests", "-o", "json"]),
         k.ok(&["get", "proxiedcluster", &id, "-n", &tenants, "-o", "json"]),

@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
-use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestCondition,
-};
+use k8s_openapi::api::certificates::v1::CertificateSigningRequest;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
@@ -18,7 +16,7 @@ use kube::runtime::controller::Action;
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use tether::pki::AgentRequest;
-use tether::server::signing::{CLUSTER_LABEL, SIGNER_NAME};
+use tether::server::signing::{CLUSTER_LABEL, SIGNER_NAME, condition};
 use tracing::{info, warn};
 
 use crate::crd::ProxiedCluster;
@@ -43,18 +41,6 @@ pub enum Decision {
         lifetime: Duration,
         owner: (String, String),
     },
-}
-
-fn condition<'a>(
-    csr: &'a CertificateSigningRequest,
-    type_: &str,
-) -> Option<&'a CertificateSigningRequestCondition> {
-    csr.status
-        .as_ref()?
-        .conditions
-        .as_ref()?
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == "True")
 }
 
 /// Decides on `csr` given the ProxiedClusters there are. Pure, so every

@@ -227,7 +227,10 @@ async fn first_reconcile_creates_everything() {
         .expect("server accepts it");
     assert_eq!(
         parsed
-            .authenticate(&token, std::time::SystemTime::now())
+            .authenticate(
+                &tether::clusters::token_sha256(&token),
+                std::time::SystemTime::now()
+            )
             .map(|(c, _)| c.id.as_str()),
         Some("customer-a")
     );

@@ -445,8 +445,7 @@ fn renewal(
         .clone()
         .ok_or_else(|| AgentError::Certificate("it names no cluster".into()))?;
     if current.not_after <= std::time::SystemTime::now() {
-        tracing::error!(not_after = ?current.not_after,
-            "the client certificate has EXPIRED: tether-server will refuse this agent; apply a new install bundle to recover");
+        tracing::error!(not_after = ?current.not_after, "{}", renewal::EXPIRED);
     }
     let store = match &args.credentials_secret {
         Some(name) => store::Store::Secret {
@@ -527,9 +526,9 @@ async fn run(
     let instance = offer_v2.then(new_instance_id);
     let (news_tx, mut news) = tokio::sync::mpsc::unbounded_channel();
     let mut held: std::collections::HashMap<String, (u64, Session)> = Default::default();
-    // Replicas whose session authenticated with a token since replaced:
-    // each is dialed again and the new session takes its place, so the old
-    // one serves until then.
+    // Replicas whose session presents a token or certificate since
+    // replaced: each is dialed again and the new session takes its place,
+    // so the old one serves until then.
     let mut stale: std::collections::HashSet<String> = Default::default();
     let mut wanted: Vec<String> = Vec::new();
     let mut generation: u64 = 0;
@@ -552,7 +551,7 @@ async fn run(
             }
             // A new token or certificate: every session is dialed again
             // with it (a replica lets the same agent replace a session when
-            // it presents a new token or a newer certificate).
+            // it presents a new token or another certificate).
             Ok(()) = renewed.changed() => {
                 stale = held.keys().cloned().collect();
                 fast_retry_until = Some(Instant::now() + FAST_RETRY_WINDOW);

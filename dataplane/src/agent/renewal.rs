@@ -24,7 +24,7 @@ const FIRST_RETRY: Duration = Duration::from_secs(10);
 const MAX_RETRY: Duration = Duration::from_secs(600);
 /// How long to wait for the signed certificate (the server waits up to
 /// its `--signing-timeout`, 2 minutes by default).
-pub(super) const ANSWER_TIMEOUT: Duration = Duration::from_secs(180);
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(180);
 /// Longest single sleep: waits are re-measured against the wall clock, so
 /// a clock step or a suspended machine delays a renewal by at most this.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
@@ -81,11 +81,14 @@ pub(super) trait Keeper: Send + Sync {
     fn token(&self) -> Option<String>;
 }
 
+/// What the agent says when its certificate has expired.
+pub(super) const EXPIRED: &str = "the client certificate has EXPIRED: tether-server refuses this agent; apply a new install bundle to recover";
+
 /// How often storing new credentials is tried before using them unstored.
 const SAVE_TRIES: u32 = 3;
 
 /// The wait before retry number `failures` (1-based): exponential with
-/// jitter, never past the certificate's expiry when that is still ahead.
+/// jitter.
 pub(super) fn retry_delay(failures: u32) -> Duration {
     let ceiling = FIRST_RETRY
         .saturating_mul(1 << failures.saturating_sub(1).min(10))
@@ -198,8 +201,7 @@ impl<K: Keeper> Renewal<K> {
                     let wait = retry_delay(failures);
                     let now = self.clock.now();
                     if now >= self.current.not_after {
-                        error!(error = %err, not_after = ?self.current.not_after,
-                            "the client certificate has EXPIRED and renewal failed: tether-server will refuse this agent; apply a new install bundle to recover");
+                        error!(error = %err, not_after = ?self.current.not_after, "{EXPIRED}");
                     } else {
                         warn!(error = %err, retry_in = ?wait, not_after = ?self.current.not_after,
                             "certificate renewal failed; the current certificate stays in use");
@@ -341,7 +343,7 @@ impl<K: Keeper> Renewal<K> {
             .certificate_renewals
             .with_label_values(&["renewed"])
             .inc();
-        info!(not_after = ?self.current.not_after, "certificate renewed; presented from the next connection on");
+        info!(not_after = ?self.current.not_after, "certificate renewed; sessions are replaced to present it");
         self.save(&[
             (crate::credentials::CERT_FILE, &cert_pem),
             (crate::credentials::KEY_FILE, &key_pem),

@@ -48,9 +48,11 @@ pub(super) async fn connect(
         );
     }
     let clusters = state.clusters();
-    let presented = bearer_token(request.headers());
-    let Some((cluster, token_use)) =
-        presented.and_then(|t| clusters.authenticate(t, SystemTime::now()))
+    // The hash of the token presented: current or, during a rotation, the
+    // previous one.
+    let Some((token_sha256, (cluster, token_use))) = bearer_token(request.headers())
+        .map(crate::clusters::token_sha256)
+        .and_then(|hash| Some((hash, clusters.authenticate(&hash, SystemTime::now())?)))
     else {
         authentication_failed(&state, source);
         warn!(remote = %conn.remote, "agent authentication failed");
@@ -59,8 +61,14 @@ pub(super) async fn connect(
     // With mTLS, the certificate must name the same cluster as the token:
     // a stolen token is useless without that cluster's key, and one
     // cluster's certificate cannot carry another cluster's token.
-    if let Some(cert) = &conn.client_certificate {
-        let identity = crate::pki::cluster_identity(cert).ok().flatten();
+    // The certificate the agent presented, read once: `Some(None)` when it
+    // cannot be read (refused below like one naming another cluster).
+    let presented = conn
+        .client_certificate
+        .as_ref()
+        .map(|cert| crate::pki::CertInfo::from_der(cert).ok());
+    if let Some(info) = &presented {
+        let identity = info.as_ref().and_then(|info| info.cluster.clone());
         if identity.as_deref() != Some(cluster.id.as_str()) {
             state.metrics.identity_mismatches.inc();
             authentication_failed(&state, source);
@@ -72,15 +80,9 @@ pub(super) async fn connect(
             );
         }
     }
-    // The hash of the token presented: current or, during a rotation, the
-    // previous one.
-    let token_sha256 = crate::clusters::token_sha256(presented.unwrap_or_default());
     // A certificate older than a completed rotation is refused: it may be
     // the one whose key leaked.
-    let certificate = conn
-        .client_certificate
-        .as_ref()
-        .and_then(|cert| crate::pki::CertInfo::from_der(cert).ok());
+    let certificate = presented.flatten();
     if let (Some(cert), Some(not_before)) = (&certificate, cluster.certificates_not_before)
         && cert.not_before < not_before
     {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::certificates::v1::{
-    CertificateSigningRequest, CertificateSigningRequestSpec,
+    CertificateSigningRequest, CertificateSigningRequestCondition, CertificateSigningRequestSpec,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{Api, PostParams};
@@ -85,6 +85,19 @@ impl Signer {
     }
 }
 
+/// The condition `type_` of a CertificateSigningRequest, when it is true.
+pub fn condition<'a>(
+    csr: &'a CertificateSigningRequest,
+    type_: &str,
+) -> Option<&'a CertificateSigningRequestCondition> {
+    csr.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == "True")
+}
+
 async fn sign_with_kubernetes(
     client: &Client,
     cluster: &str,
@@ -114,12 +127,8 @@ async fn sign_with_kubernetes(
     let deadline = Instant::now() + timeout;
     loop {
         let current = api.get(&name).await?;
-        let status = current.status.unwrap_or_default();
-        if let Some(refusal) = status
-            .conditions
-            .iter()
-            .flatten()
-            .find(|c| (c.type_ == "Denied" || c.type_ == "Failed") && c.status == "True")
+        if let Some(refusal) =
+            condition(&current, "Denied").or_else(|| condition(&current, "Failed"))
         {
             return Err(SignError::Denied(
                 refusal
@@ -128,6 +137,7 @@ async fn sign_with_kubernetes(
                     .unwrap_or_else(|| refusal.type_.clone()),
             ));
         }
+        let status = current.status.unwrap_or_default();
         if let Some(certificate) = status.certificate.filter(|c| !c.0.is_empty()) {
             return String::from_utf8(certificate.0)
                 .map_err(|_| SignError::Denied("the signed certificate is not PEM".into()));
