@@ -436,7 +436,9 @@ async fn every_replica_serves_every_cluster() {
             ),
         )
         .expect("kubeconfig");
-        let out = support::kubectl_exec_cat(&[], &kubeconfig, "web", b"forwarded exec\n").await;
+        let out =
+            support::kubectl_exec_cat(&["kubectl"], &[], &kubeconfig, "web", b"forwarded exec\n")
+                .await;
         assert_eq!(String::from_utf8_lossy(&out.stdout), "forwarded exec\n");
     }
 

@@ -729,6 +729,7 @@ async fn kubectl_exec_and_follow_logs_through_the_tunnel() {
     let _agent = env.connected_agent().await;
     let server = format!("http://127.0.0.1:{}/tunnel/dev", env.internal_addr.port());
     let out = support::kubectl_exec_cat(
+        &["kubectl"],
         &["--server", &server],
         std::path::Path::new("/dev/null"),
         "web",

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{Response, StatusCode};
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +29,13 @@ pub struct AgentMetrics {
     pub certificate_not_after: IntGauge,
     pub certificate_renewals: IntCounterVec,
     pub token_rotations: IntCounter,
+    /// The proxy in use (label `proxy`, without credentials), or none.
+    proxy_info: IntGaugeVec,
+    pub proxy_connects: IntCounterVec,
+    proxy: std::sync::OnceLock<Option<String>>,
+    /// Why the last connection attempt failed, for /readyz; secret-free
+    /// (errors name hosts and proxies, never credentials).
+    last_dial_error: std::sync::Mutex<Option<String>>,
 }
 
 impl AgentMetrics {
@@ -67,6 +76,22 @@ impl AgentMetrics {
             "agent_token_rotations_total",
             "New agent tokens received over the tunnel and taken into use.",
         )?;
+        let proxy_info = IntGaugeVec::new(
+            Opts::new(
+                "agent_proxy_info",
+                "1 for the HTTP proxy the agent reaches tether-server through (absent when direct).",
+            ),
+            &["proxy"],
+        )?;
+        let proxy_connects = IntCounterVec::new(
+            Opts::new(
+                "agent_proxy_connects_total",
+                "CONNECT tunnels through the proxy, by result: ok, unreachable, timeout, proxy_tls, closed, auth_required (407), refused, intercepted (tether-server's certificate did not verify through the proxy).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(proxy_info.clone()))?;
+        registry.register(Box::new(proxy_connects.clone()))?;
         registry.register(Box::new(token_rotations.clone()))?;
         registry.register(Box::new(certificate_not_after.clone()))?;
         registry.register(Box::new(certificate_renewals.clone()))?;
@@ -85,7 +110,48 @@ impl AgentMetrics {
             token_rotations,
             upstream_requests,
             upstream_errors,
+            proxy_info,
+            proxy_connects,
+            proxy: std::sync::OnceLock::new(),
+            last_dial_error: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Records the route to tether-server, once, at start-up.
+    pub fn set_proxy(&self, proxy: Option<&str>) {
+        if let Some(proxy) = proxy {
+            self.proxy_info.with_label_values(&[proxy]).set(1);
+        }
+        let _ = self.proxy.set(proxy.map(str::to_owned));
+    }
+
+    pub fn set_last_dial_error(&self, error: Option<String>) {
+        *self
+            .last_dial_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = error;
+    }
+
+    /// The /readyz answer: ready while a session is up; the body says how
+    /// tether-server is reached and, when down, why the last attempt failed.
+    fn readiness(&self) -> (StatusCode, String) {
+        let route = match self.proxy.get().cloned().flatten() {
+            Some(proxy) => format!("through proxy {proxy}"),
+            None => "directly".to_owned(),
+        };
+        if self.connected.get() == 1 {
+            return (StatusCode::OK, format!("ok: connected {route}"));
+        }
+        let error = self
+            .last_dial_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let message = match error {
+            Some(error) => format!("tunnel is down ({route}): {error}"),
+            None => format!("tunnel is down ({route})"),
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, message)
     }
 
     pub fn render(&self) -> String {
@@ -111,8 +177,10 @@ pub(super) async fn serve(
         hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
             let response = match request.uri().path() {
                 "/healthz" => text(StatusCode::OK, "ok"),
-                "/readyz" if metrics.connected.get() == 1 => text(StatusCode::OK, "ok"),
-                "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "tunnel is down"),
+                "/readyz" => {
+                    let (status, message) = metrics.readiness();
+                    text(status, &message)
+                }
                 "/metrics" => Response::new(full(metrics.render())),
                 _ => text(StatusCode::NOT_FOUND, "not found"),
             };

@@ -2,7 +2,9 @@
 //! server opens as HTTP/1.1 towards the local kube-apiserver, with the
 //! agent's own ServiceAccount token.
 
+mod egress;
 mod health;
+mod no_proxy;
 mod renewal;
 mod store;
 mod upstream;
@@ -16,7 +18,6 @@ use clap::Parser;
 use http::Uri;
 use rand::Rng;
 use rustls::pki_types::ServerName;
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
@@ -27,9 +28,10 @@ use crate::protocol::Version;
 use crate::server::{parse_duration, parse_listen_addr};
 use crate::tls::{self, TlsError};
 use crate::websocket;
+pub use egress::ProxyArgs;
 pub use health::AgentMetrics;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+use egress::CONNECT_TIMEOUT;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// A session that lasted this long was healthy: the next reconnect starts
@@ -131,6 +133,8 @@ pub struct AgentArgs {
     /// Highest tunnel protocol to offer (v1 makes this agent a plain v1 peer).
     #[arg(long, env = "PROTOCOL", default_value = "v2", value_parser = ["v1", "v2"])]
     pub protocol: String,
+    #[command(flatten)]
+    pub proxy: ProxyArgs,
 }
 
 impl AgentArgs {
@@ -191,6 +195,8 @@ pub enum AgentError {
     Metrics(#[from] prometheus::Error),
     #[error("client certificate: {0}")]
     Certificate(String),
+    #[error("{0}")]
+    Egress(#[from] egress::EgressError),
 }
 
 /// Where and how to reach tether-server.
@@ -199,6 +205,7 @@ struct ServerEndpoint {
     port: u16,
     path: String,
     tls: Option<EndpointTls>,
+    route: egress::Route,
 }
 
 struct EndpointTls {
@@ -261,11 +268,16 @@ impl ServerEndpoint {
         } else {
             None
         };
+        let (route, why) = egress::Route::choose(&args.proxy, secure, &host, port, |name| {
+            std::env::var(name).ok()
+        })?;
+        info!(server = %args.server, route = %why, "reaching tether-server");
         Ok(Self {
             host,
             port,
             path,
             tls,
+            route,
         })
     }
 
@@ -285,15 +297,18 @@ impl ServerEndpoint {
         token: &str,
         offer_v2: bool,
         instance: Option<&str>,
+        metrics: &AgentMetrics,
     ) -> Result<(websocket::TunnelSocket, Version, websocket::ReplicaInfo), DialError> {
-        let tcp = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((self.host.as_str(), self.port)),
-        )
-        .await
-        .map_err(|_| DialError::Failed("connect timed out".to_owned()))?
-        .map_err(|err| DialError::Failed(format!("connect failed: {err}")))?;
-        let _ = tcp.set_nodelay(true);
+        let proxy = self.route.proxy();
+        let transport = self.route.connect(&self.host, self.port).await;
+        if proxy.is_some() {
+            let result = transport.as_ref().map_or_else(|err| err.kind(), |_| "ok");
+            metrics.proxy_connects.with_label_values(&[result]).inc();
+        }
+        let transport = transport.map_err(|err| DialError::Failed {
+            persistent: err.is_persistent(),
+            message: err.to_string(),
+        })?;
         let io = match &self.tls {
             Some(tls) => {
                 let connector = tls
@@ -301,14 +316,38 @@ impl ServerEndpoint {
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                let stream =
-                    tokio::time::timeout(CONNECT_TIMEOUT, connector.connect(tls.name.clone(), tcp))
-                        .await
-                        .map_err(|_| DialError::Failed("TLS handshake timed out".to_owned()))?
-                        .map_err(|err| DialError::Failed(format!("TLS handshake failed: {err}")))?;
+                let stream = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    connector.connect(tls.name.clone(), transport),
+                )
+                .await
+                .map_err(|_| DialError::failed("TLS handshake timed out".to_owned()))?
+                .map_err(|err| {
+                    let rejected = err
+                        .get_ref()
+                        .and_then(|e| e.downcast_ref::<rustls::Error>())
+                        .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
+                    match proxy {
+                        // The usual cause of a certificate that verifies
+                        // directly but not through the proxy.
+                        Some(proxy) if rejected => {
+                            metrics.proxy_connects.with_label_values(&["intercepted"]).inc();
+                            DialError::Failed {
+                                message: format!(
+                                    "tether-server's certificate does not verify through proxy {}: {err}; \
+                                     the proxy may be intercepting TLS: tether needs it to pass {}:{} through untouched \
+                                     (exempt it from TLS inspection)",
+                                    proxy.display, self.host, self.port
+                                ),
+                                persistent: true,
+                            }
+                        }
+                        _ => DialError::failed(format!("TLS handshake failed: {err}")),
+                    }
+                })?;
                 Either::Left(stream)
             }
-            None => Either::Right(tcp),
+            None => Either::Right(transport),
         };
         let authority = format!("{}:{}", self.host, self.port);
         tokio::time::timeout(
@@ -316,10 +355,10 @@ impl ServerEndpoint {
             websocket::connect(io, &authority, &self.path, token, offer_v2, instance),
         )
         .await
-        .map_err(|_| DialError::Failed("WebSocket handshake timed out".to_owned()))?
+        .map_err(|_| DialError::failed("WebSocket handshake timed out".to_owned()))?
         .map_err(|err| match err {
             websocket::HandshakeError::AlreadyHeld(replica) => DialError::AlreadyHeld(replica),
-            other => DialError::Failed(other.to_string()),
+            other => DialError::failed(other.to_string()),
         })
     }
 }
@@ -328,7 +367,20 @@ impl ServerEndpoint {
 enum DialError {
     /// The load balancer chose a replica this agent already holds.
     AlreadyHeld(String),
-    Failed(String),
+    Failed {
+        message: String,
+        /// Retrying soon will not help (credentials, a proxy's policy).
+        persistent: bool,
+    },
+}
+
+impl DialError {
+    fn failed(message: String) -> Self {
+        Self::Failed {
+            message,
+            persistent: false,
+        }
+    }
 }
 
 fn read_token(args: &AgentArgs) -> Result<String, AgentError> {
@@ -372,6 +424,7 @@ impl Agent {
         let endpoint = Arc::new(ServerEndpoint::from_args(&args)?);
         read_token(&args)?;
         let metrics = Arc::new(AgentMetrics::new()?);
+        metrics.set_proxy(endpoint.route.proxy().map(|p| p.display.as_str()));
         let upstream = Arc::new(upstream::Upstream::new(&args, metrics.clone())?);
         let stop = CancellationToken::new();
         let health_addr = health::serve(args.health_addr, metrics.clone(), stop.clone()).await?;
@@ -599,11 +652,12 @@ async fn run(
                 };
                 let dialed = tokio::select! {
                     _ = stop.cancelled() => continue,
-                    dialed = endpoint.dial(&token, offer_v2, instance.as_deref()) => dialed,
+                    dialed = endpoint.dial(&token, offer_v2, instance.as_deref(), &metrics) => dialed,
                 };
                 match dialed {
                     Ok((socket, version, info)) => {
                         already_held = 0;
+                        metrics.set_last_dial_error(None);
                         let replica = info.replica.clone().unwrap_or_else(|| args.server.clone());
                         if instance.is_some() && !info.replicas.is_empty() {
                             wanted = info.replicas.clone();
@@ -648,12 +702,16 @@ async fn run(
                         };
                         next_dial = tokio::time::Instant::now() + wait;
                     }
-                    Err(DialError::Failed(err)) => {
-                        warn!(server = %args.server, error = %err, "cannot connect to tether-server");
+                    Err(DialError::Failed { message, persistent }) => {
+                        warn!(server = %args.server, error = %message, "cannot connect to tether-server");
+                        metrics.set_last_dial_error(Some(message));
                         if held.is_empty() {
                             metrics.reconnects.inc();
                         }
-                        next_dial = tokio::time::Instant::now() + retry_wait(&mut attempt, fast_retry_until, args.max_retry);
+                        // Wrong credentials or a proxy's refusal: the full
+                        // backoff, even in the quick window after a GoAway.
+                        let fast = if persistent { None } else { fast_retry_until };
+                        next_dial = tokio::time::Instant::now() + retry_wait(&mut attempt, fast, args.max_retry);
                     }
                 }
             }

@@ -2,6 +2,7 @@
 //! and real tether-server / tether-agent instances on 127.0.0.1.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod netns;
 pub mod procs;
 
 use std::net::SocketAddr;
@@ -451,14 +452,17 @@ pub fn kubectl_available() -> bool {
 
 /// `kubectl exec -i <pod> -- cat` with `args` (a `--server`, or a
 /// kubeconfig through `KUBECONFIG`), stdin `input`: the echoed output.
+/// `kubectl` is how to run it: `["kubectl"]`, or behind `ip netns exec`.
 pub async fn kubectl_exec_cat(
+    kubectl: &[&str],
     args: &[&str],
     kubeconfig: &Path,
     pod: &str,
     input: &[u8],
 ) -> std::process::Output {
     use tokio::io::AsyncWriteExt;
-    let mut exec = tokio::process::Command::new("kubectl")
+    let mut exec = tokio::process::Command::new(kubectl[0])
+        .args(&kubectl[1..])
         .args(args)
         .args(["exec", "-i", pod, "--", "cat"])
         .env("KUBECONFIG", kubeconfig)
