@@ -279,15 +279,24 @@ def test_chart_crd_is_the_generated_one():
     assert (TETHER / "crds" / "proxiedclusters.tether.dev.yaml").read_text() == generated
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+PROXY = {
+    "url": "http://proxy.corp.example:3128",
+    "noProxy": [".corp.example", "10.0.0.0/8"],
+    "caCert": "-----BEGIN CERTIFICATE-----\nAg==\n-----END CERTIFICATE-----\n",
+    "credentialsSecretName": "corp-proxy",
+}
+
+
+def render_bundle(out, agent_spec=None):
     """A bundle rendered by tether itself (kubectl tether bundle render)."""
-    out = tmp_path_factory.mktemp("bundle")
     manifest = out / "pc.yaml"
-    manifest.write_text(
-        "apiVersion: tether.dev/v1alpha1\nkind: ProxiedCluster\nmetadata:\n  name: customer-a\n  namespace: tenants\n"
-        "spec:\n  publicUrl: wss://tether.example.com:8443\n"
-    )
+    pc = {
+        "apiVersion": "tether.dev/v1alpha1",
+        "kind": "ProxiedCluster",
+        "metadata": {"name": "customer-a", "namespace": "tenants"},
+        "spec": {"publicUrl": "wss://tether.example.com:8443", **({"agent": agent_spec} if agent_spec else {})},
+    }
+    manifest.write_text(yaml.safe_dump(pc))
     cli = ROOT / "target" / "debug" / "kubectl-tether"
     subprocess.run([str(cli), "bundle", "render", "-f", str(manifest), "--ca-dir", str(out / "ca"),
                     "-o", str(out / "agent.yaml"), "--server-dir", str(out / "server")], check=True)
@@ -295,6 +304,16 @@ def bundle(tmp_path_factory):
         "agent": [d for d in yaml.safe_load_all((out / "agent.yaml").read_text()) if d],
         "server": [d for d in yaml.safe_load_all((out / "server" / "server-objects.yaml").read_text()) if d],
     }
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return render_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def proxied_bundle(tmp_path_factory):
+    return render_bundle(tmp_path_factory.mktemp("proxied"), {"proxy": PROXY})
 
 
 def test_operator_bundles_are_valid_objects(bundle):
@@ -320,3 +339,56 @@ def test_agent_chart_renders_what_the_bundle_holds(bundle):
     assert chart_c["env"] == bundle_c["env"]
     ports = lambda np: sorted((p["port"], p["protocol"]) for r in np["spec"]["egress"] for p in r["ports"])
     assert ports(chart["NetworkPolicy"]) == ports(ours["NetworkPolicy"])
+
+
+def egress_ports(policy):
+    return sorted((p["port"], p["protocol"]) for r in policy["spec"]["egress"] for p in r["ports"])
+
+
+def test_behind_a_proxy_chart_and_bundle_agree_and_admit_the_proxy_alone(proxied_bundle):
+    """spec.agent.proxy and the chart's proxy values give the same flags,
+    volumes (the customer's Secret optional), CA ConfigMap and egress: the
+    proxy's port instead of tether-server's."""
+    docs = render(AGENT, {**AGENT_VALUES, "proxy": PROXY}, namespace="tether-agent")
+    validate_all(docs)
+    validate_all([("bundle", d) for d in proxied_bundle["agent"]])
+    chart = {d["kind"]: d for _, d in docs}
+    ours = {d["kind"]: d for d in proxied_bundle["agent"]}
+    chart_pod = chart["Deployment"]["spec"]["template"]["spec"]
+    bundle_pod = ours["Deployment"]["spec"]["template"]["spec"]
+    chart_c, bundle_c = chart_pod["containers"][0], bundle_pod["containers"][0]
+    assert sorted(chart_c["args"]) == sorted(bundle_c["args"])
+    for flag in ["--proxy=http://proxy.corp.example:3128", "--no-proxy=.corp.example,10.0.0.0/8",
+                 "--proxy-ca-cert=/etc/tether-proxy-ca/ca.crt",
+                 "--proxy-credentials-file=/etc/tether-proxy/credentials"]:
+        assert flag in chart_c["args"]
+    by_name = lambda items: {i["name"]: i for i in items}
+    assert by_name(chart_pod["volumes"]) == by_name(bundle_pod["volumes"])
+    assert by_name(chart_c["volumeMounts"]) == by_name(bundle_c["volumeMounts"])
+    assert by_name(chart_pod["volumes"])["proxy-credentials"]["secret"] == {
+        "secretName": "corp-proxy", "defaultMode": 0o440, "optional": True}
+    assert chart["ConfigMap"]["data"] == ours["ConfigMap"]["data"] == {"ca.crt": PROXY["caCert"]}
+    assert "corp-proxy" not in {d["metadata"]["name"] for d in proxied_bundle["agent"]}, "the customer's Secret"
+    assert egress_ports(chart["NetworkPolicy"]) == egress_ports(ours["NetworkPolicy"]) == [
+        (53, "TCP"), (53, "UDP"), (443, "TCP"), (3128, "TCP"), (6443, "TCP")]
+
+
+@pytest.mark.parametrize("no_proxy", [["tether.example.com"], [".example.com"], ["example.com:8443"], ["*"]])
+def test_a_server_in_no_proxy_is_reached_directly_and_the_policy_says_so(no_proxy):
+    docs = render(AGENT, {**AGENT_VALUES, "proxy": {**PROXY, "noProxy": no_proxy}}, namespace="tether-agent")
+    policy = next(d for _, d in docs if d["kind"] == "NetworkPolicy")
+    ports = [p for p, _ in egress_ports(policy)]
+    assert 8443 in ports and 3128 not in ports, (no_proxy, ports)
+
+
+@pytest.mark.parametrize("no_proxy", [["example.com:443"], ["other.example.com"], ["ample.com"], [".tether.example.com"]])
+def test_a_server_not_in_no_proxy_goes_through_the_proxy(no_proxy):
+    docs = render(AGENT, {**AGENT_VALUES, "proxy": {**PROXY, "noProxy": no_proxy}}, namespace="tether-agent")
+    policy = next(d for _, d in docs if d["kind"] == "NetworkPolicy")
+    ports = [p for p, _ in egress_ports(policy)]
+    assert 3128 in ports and 8443 not in ports, (no_proxy, ports)
+
+
+def test_a_proxy_url_with_credentials_is_refused_by_the_values_schema():
+    with pytest.raises(Exception):
+        render(AGENT, {**AGENT_VALUES, "proxy": {"url": "http://user:pw@proxy:3128"}}, namespace="tether-agent")

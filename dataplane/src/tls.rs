@@ -45,11 +45,15 @@ fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read(path)?;
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+/// The certificates in PEM text; blocks that are not certificates are skipped.
+pub fn certs_from_pem(pem: &[u8]) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_slice_iter(pem)
         .filter_map(Result::ok)
-        .collect();
+        .collect()
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs = certs_from_pem(&read(path)?);
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
             path: path.to_owned(),
@@ -70,9 +74,7 @@ pub fn identity_from_pem(
     cert_pem: &[u8],
     key_pem: &[u8],
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
-    let certs: Vec<_> = CertificateDer::pem_slice_iter(cert_pem)
-        .filter_map(Result::ok)
-        .collect();
+    let certs = certs_from_pem(cert_pem);
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| TlsError::BadIdentity)?;
     if certs.is_empty() {
         return Err(TlsError::BadIdentity);

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, Namespace,
-    ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, Secret, SecretVolumeSource, SecurityContext, ServiceAccount, Volume,
-    VolumeMount,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+    HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
+    Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
+    ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
     NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPort,
@@ -21,11 +21,11 @@ use k8s_openapi::api::rbac::v1::{
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tether::pki::Issued;
 
-use crate::crd::ProxiedCluster;
+use crate::crd::{AgentProxySpec, ProxiedCluster};
 
 /// Name of every object the bundle creates in the customer cluster.
 pub const AGENT_NAME: &str = "tether-agent";
@@ -35,6 +35,12 @@ const SECRET_MOUNT: &str = "/etc/tether";
 const CREDENTIALS_ROLE: &str = "tether-agent-credentials";
 /// tether-agent's path in the all-in-one image.
 const AGENT_COMMAND: &str = "/usr/local/bin/tether-agent";
+/// The ConfigMap with an https:// proxy's CA, and where it is mounted.
+const PROXY_CA_NAME: &str = "tether-agent-proxy-ca";
+const PROXY_CA_MOUNT: &str = "/etc/tether-proxy-ca";
+/// Where the customer's proxy credentials Secret is mounted, and its key.
+const PROXY_CREDENTIALS_MOUNT: &str = "/etc/tether-proxy";
+pub const PROXY_CREDENTIALS_KEY: &str = "credentials";
 
 /// Everything a bundle is made from. Same input, same bytes.
 #[derive(Debug, Clone)]
@@ -54,6 +60,8 @@ pub struct BundleInput {
     pub client_key_pem: String,
     /// CA that signed tether-server's certificate.
     pub server_ca_pem: String,
+    /// The customer's HTTP proxy towards tether-server.
+    pub proxy: Option<AgentProxySpec>,
 }
 
 impl BundleInput {
@@ -90,7 +98,17 @@ impl BundleInput {
             client_cert_pem: client.cert_pem.clone(),
             client_key_pem: client.key_pem.clone(),
             server_ca_pem: server_ca_pem.to_owned(),
+            proxy: pc.spec.agent.proxy.clone(),
         }
+    }
+
+    /// Whether the agent reaches tether-server through the proxy (not
+    /// excluded by its no-proxy list), as the agent itself will decide.
+    fn proxied(&self) -> Option<&AgentProxySpec> {
+        let proxy = self.proxy.as_ref()?;
+        let (no_proxy, _) = tether::agent::NoProxy::parse(&proxy.no_proxy.join(","));
+        let (host, port) = host_port_of_url(&self.server_url);
+        (!no_proxy.matches(&host, port as u16)).then_some(proxy)
     }
 }
 
@@ -112,6 +130,121 @@ pub enum BundleError {
     NoHashHeader,
     #[error("the bundle's body does not match its sha256 header ({declared}); it was altered")]
     Altered { declared: String },
+    #[error("the bundle cannot be read back: {0}")]
+    Unreadable(String),
+}
+
+/// The header's first line, which names the cluster.
+const TITLE: &str = "# tether agent bundle for cluster ";
+
+impl BundleInput {
+    /// What a bundle was rendered from, read back from its (verified) text:
+    /// `render` gives the same bytes again, so an exported bundle can be
+    /// re-rendered with a change (the proxy) without its secrets ever
+    /// leaving the file.
+    pub fn from_bundle(yaml: &str) -> Result<Self, BundleError> {
+        verify(yaml)?;
+        let unreadable = |what: &str| BundleError::Unreadable(what.to_owned());
+        let cluster_id = yaml
+            .lines()
+            .find_map(|l| l.strip_prefix(TITLE))
+            .ok_or_else(|| unreadable("no title line"))?
+            .to_owned();
+        let mut documents: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+        for document in serde_yaml_ng::Deserializer::from_str(yaml) {
+            let value = serde_json::Value::deserialize(document)
+                .map_err(|err| BundleError::Unreadable(err.to_string()))?;
+            let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+            let name = value["metadata"]["name"].as_str().unwrap_or_default();
+            let key = match kind.as_str() {
+                "Role" | "RoleBinding" => continue,
+                "ConfigMap" if name != PROXY_CA_NAME => continue,
+                _ => kind.clone(),
+            };
+            documents.insert(key, value);
+        }
+        fn take<T: serde::de::DeserializeOwned>(
+            documents: &BTreeMap<String, serde_json::Value>,
+            kind: &str,
+        ) -> Result<T, BundleError> {
+            let value = documents
+                .get(kind)
+                .ok_or_else(|| BundleError::Unreadable(format!("no {kind}")))?;
+            serde_json::from_value(value.clone())
+                .map_err(|err| BundleError::Unreadable(format!("{kind}: {err}")))
+        }
+        let secret: Secret = take(&documents, "Secret")?;
+        let data = secret.data.unwrap_or_default();
+        let field = |key: &str| {
+            data.get(key)
+                .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                .ok_or_else(|| BundleError::Unreadable(format!("Secret has no {key}")))
+        };
+        let deployment: Deployment = take(&documents, "Deployment")?;
+        let spec = deployment
+            .spec
+            .ok_or_else(|| unreadable("Deployment has no spec"))?;
+        let pod = spec
+            .template
+            .spec
+            .ok_or_else(|| unreadable("Deployment has no pod"))?;
+        let container = pod
+            .containers
+            .into_iter()
+            .next()
+            .ok_or_else(|| unreadable("Deployment has no container"))?;
+        let args = container.args.unwrap_or_default();
+        let flag = |name: &str| {
+            args.iter()
+                .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+                .map(str::to_owned)
+        };
+        let proxy = match flag("proxy") {
+            None => None,
+            Some(url) => Some(AgentProxySpec {
+                url,
+                no_proxy: flag("no-proxy")
+                    .map(|list| {
+                        list.split(',')
+                            .filter(|e| !e.is_empty())
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                ca_cert: match documents.contains_key("ConfigMap") {
+                    true => take::<ConfigMap>(&documents, "ConfigMap")?
+                        .data
+                        .and_then(|mut d| d.remove("ca.crt")),
+                    false => None,
+                },
+                credentials_secret_name: pod.volumes.unwrap_or_default().into_iter().find_map(
+                    |v| {
+                        (v.name == "proxy-credentials")
+                            .then(|| v.secret.and_then(|s| s.secret_name))
+                            .flatten()
+                    },
+                ),
+            }),
+        };
+        Ok(Self {
+            cluster_id,
+            namespace: take::<Namespace>(&documents, "Namespace")?
+                .metadata
+                .name
+                .ok_or_else(|| unreadable("Namespace has no name"))?,
+            image: container.image.ok_or_else(|| unreadable("no image"))?,
+            replicas: spec.replicas.unwrap_or(1),
+            resources: container.resources,
+            rules: take::<ClusterRole>(&documents, "ClusterRole")?.rules,
+            server_url: flag("server").ok_or_else(|| unreadable("no --server"))?,
+            target: flag("target").ok_or_else(|| unreadable("no --target"))?,
+            token: field("token")?,
+            client_cert_pem: field("tls.crt")?,
+            client_key_pem: field("tls.key")?,
+            server_ca_pem: field("ca.crt")?,
+            proxy,
+        })
+    }
 }
 
 /// The header line that carries the hash of the bundle's body.
@@ -172,7 +305,8 @@ fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
     }
 }
 
-fn port_of_url(url: &str) -> i32 {
+/// The host and port of a ws(s):// or http(s):// URL.
+fn host_port_of_url(url: &str) -> (String, i32) {
     let authority = url
         .split("://")
         .nth(1)
@@ -180,10 +314,19 @@ fn port_of_url(url: &str) -> i32 {
         .split('/')
         .next()
         .unwrap_or("");
-    authority
-        .rsplit_once(':')
-        .and_then(|(_, port)| port.parse().ok())
-        .unwrap_or(if url.starts_with("ws://") { 80 } else { 443 })
+    let default = if url.starts_with("ws://") || url.starts_with("http://") {
+        80
+    } else {
+        443
+    };
+    // A colon after the last `]` separates the port (IPv6 hosts are bracketed).
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !port.contains(']') => (
+            host.trim_matches(['[', ']']).to_owned(),
+            port.parse().unwrap_or(default),
+        ),
+        _ => (authority.trim_matches(['[', ']']).to_owned(), default),
+    }
 }
 
 fn tcp(port: i32) -> NetworkPolicyPort {
@@ -223,13 +366,74 @@ fn default_resources() -> ResourceRequirements {
 fn deployment(input: &BundleInput) -> Deployment {
     // The agent reads token, ca.crt, tls.crt and tls.key from the mounted
     // Secret, and writes renewed certificates back to that Secret.
-    let args = vec![
+    let mut args = vec![
         format!("--server={}", input.server_url),
         format!("--credentials-dir={SECRET_MOUNT}"),
         format!("--credentials-secret={AGENT_NAME}"),
         format!("--target={}", input.target),
         format!("--health-addr=:{HEALTH_PORT}"),
     ];
+    let mut volumes = vec![Volume {
+        name: "credentials".into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(AGENT_NAME.into()),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "credentials".into(),
+        mount_path: SECRET_MOUNT.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }];
+    if let Some(proxy) = &input.proxy {
+        // The flag, not HTTPS_PROXY: the agent's NO_PROXY defaults must not
+        // depend on what else the pod's environment holds.
+        args.push(format!("--proxy={}", proxy.url));
+        args.push(format!("--no-proxy={}", proxy.no_proxy.join(",")));
+        if proxy.ca_cert.is_some() {
+            args.push(format!("--proxy-ca-cert={PROXY_CA_MOUNT}/ca.crt"));
+            volumes.push(Volume {
+                name: "proxy-ca".into(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: PROXY_CA_NAME.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            mounts.push(VolumeMount {
+                name: "proxy-ca".into(),
+                mount_path: PROXY_CA_MOUNT.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+        if let Some(secret) = &proxy.credentials_secret_name {
+            args.push(format!(
+                "--proxy-credentials-file={PROXY_CREDENTIALS_MOUNT}/{PROXY_CREDENTIALS_KEY}"
+            ));
+            volumes.push(Volume {
+                name: "proxy-credentials".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.clone()),
+                    default_mode: Some(0o440),
+                    // The customer creates it; until then the agent tries
+                    // without credentials and says so when the proxy asks.
+                    optional: Some(true),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+            mounts.push(VolumeMount {
+                name: "proxy-credentials".into(),
+                mount_path: PROXY_CREDENTIALS_MOUNT.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+    }
     let container = Container {
         name: "agent".into(),
         image: Some(input.image.clone()),
@@ -272,12 +476,7 @@ fn deployment(input: &BundleInput) -> Deployment {
             }),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "credentials".into(),
-            mount_path: SECRET_MOUNT.into(),
-            read_only: Some(true),
-            ..Default::default()
-        }]),
+        volume_mounts: Some(mounts),
         ..Default::default()
     };
     Deployment {
@@ -317,15 +516,7 @@ fn deployment(input: &BundleInput) -> Deployment {
                         ..Default::default()
                     }),
                     containers: vec![container],
-                    volumes: Some(vec![Volume {
-                        name: "credentials".into(),
-                        secret: Some(SecretVolumeSource {
-                            secret_name: Some(AGENT_NAME.into()),
-                            default_mode: Some(0o440),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    }]),
+                    volumes: Some(volumes),
                     ..Default::default()
                 }),
             },
@@ -359,7 +550,11 @@ fn network_policy(input: &BundleInput) -> NetworkPolicy {
     api_ports.sort_unstable();
     api_ports.dedup();
     let server = NetworkPolicyEgressRule {
-        ports: Some(vec![tcp(port_of_url(&input.server_url))]),
+        // Through a proxy, the agent connects to the proxy alone.
+        ports: Some(vec![tcp(match input.proxied() {
+            Some(proxy) => host_port_of_url(&proxy.url).1,
+            None => host_port_of_url(&input.server_url).1,
+        })]),
         ..Default::default()
     };
     let api = NetworkPolicyEgressRule {
@@ -410,6 +605,35 @@ fn secret(input: &BundleInput) -> Secret {
         data: Some(data),
         ..Default::default()
     }
+}
+
+/// The header lines about the proxy: where the agent goes, and the Secret
+/// only the customer can create.
+fn proxy_header(input: &BundleInput) -> String {
+    let Some(proxy) = &input.proxy else {
+        return String::new();
+    };
+    let route = match input.proxied() {
+        Some(_) => format!(
+            "# The agent reaches tether-server through HTTP proxy {}.\n",
+            proxy.url
+        ),
+        None => format!(
+            "# HTTP proxy {} is configured, but tether-server is in its no-proxy list.\n",
+            proxy.url
+        ),
+    };
+    let credentials = match &proxy.credentials_secret_name {
+        Some(secret) => format!(
+            "# Proxy credentials stay in your cluster: create them before or after applying:\n\
+             #   kubectl -n {ns} create secret generic {secret} --from-literal={PROXY_CREDENTIALS_KEY}='user:password'\n\
+             # The bundle mounts that Secret as optional: until it exists, the agent\n\
+             # connects without credentials and its /readyz says the proxy wants them.\n",
+            ns = input.namespace,
+        ),
+        None => String::new(),
+    };
+    format!("{route}{credentials}")
 }
 
 fn document<T: Serialize>(kind: &'static str, object: &T) -> Result<String, BundleError> {
@@ -470,7 +694,7 @@ pub fn render(input: &BundleInput) -> Result<Bundle, BundleError> {
             ..Default::default()
         }]),
     };
-    let documents = [
+    let mut documents = vec![
         document("Namespace", &namespace)?,
         document("ServiceAccount", &service_account)?,
         document("ClusterRole", &role)?,
@@ -478,18 +702,27 @@ pub fn render(input: &BundleInput) -> Result<Bundle, BundleError> {
         document("Role", &credentials_role)?,
         document("RoleBinding", &credentials_binding)?,
         document("Secret", &secret(input))?,
-        document("Deployment", &deployment(input))?,
-        document("NetworkPolicy", &network_policy(input))?,
     ];
+    if let Some(ca) = input.proxy.as_ref().and_then(|p| p.ca_cert.as_ref()) {
+        let config_map = ConfigMap {
+            metadata: meta(PROXY_CA_NAME, Some(&input.namespace)),
+            data: Some(BTreeMap::from([("ca.crt".to_owned(), ca.clone())])),
+            ..Default::default()
+        };
+        documents.push(document("ConfigMap", &config_map)?);
+    }
+    documents.push(document("Deployment", &deployment(input))?);
+    documents.push(document("NetworkPolicy", &network_policy(input))?);
     let body: String = documents.iter().map(|doc| format!("---\n{doc}")).collect();
     let sha256 = hex::encode(Sha256::digest(body.as_bytes()));
     let header = format!(
-        "# tether agent bundle for cluster {id}\n\
+        "{TITLE}{id}\n\
          # Apply in the customer cluster: kubectl apply -f <this file>\n\
          # It creates namespace {ns}, a ServiceAccount with a ClusterRole, and\n\
          # tether-agent, which dials out to {server} and listens on nothing\n\
          # but its health port ({health}).\n\
          # SECRET: contains the agent token and client key. Handle as a secret.\n\
+         {proxy}\
          # Images to mirror: {image}\n\
          {HASH_HEADER}{sha256}\n\
          #   check: grep -v '^#' <this file> | sha256sum\n",
@@ -497,6 +730,7 @@ pub fn render(input: &BundleInput) -> Result<Bundle, BundleError> {
         ns = input.namespace,
         server = input.server_url,
         health = HEALTH_PORT,
+        proxy = proxy_header(input),
         image = input.image,
     );
     Ok(Bundle {
@@ -524,7 +758,114 @@ mod tests {
                 .into(),
             client_key_pem: "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n".into(),
             server_ca_pem: "-----BEGIN CERTIFICATE-----\nAQ==\n-----END CERTIFICATE-----\n".into(),
+            proxy: None,
         }
+    }
+
+    fn proxied_input() -> BundleInput {
+        BundleInput {
+            proxy: Some(AgentProxySpec {
+                url: "http://proxy.corp.example:3128".into(),
+                no_proxy: vec![".corp.example".into(), "10.0.0.0/8".into()],
+                ca_cert: Some(
+                    "-----BEGIN CERTIFICATE-----\nAg==\n-----END CERTIFICATE-----\n".into(),
+                ),
+                credentials_secret_name: Some("corp-proxy".into()),
+            }),
+            ..input()
+        }
+    }
+
+    fn egress_ports(bundle: &Bundle) -> Vec<i32> {
+        let policy: NetworkPolicy = serde_yaml_ng::Deserializer::from_str(&bundle.yaml)
+            .map(|doc| serde_json::Value::deserialize(doc).expect("yaml"))
+            .find(|d| d["kind"] == "NetworkPolicy")
+            .map(|d| serde_json::from_value(d).expect("NetworkPolicy"))
+            .expect("a NetworkPolicy");
+        policy
+            .spec
+            .expect("spec")
+            .egress
+            .expect("egress")
+            .iter()
+            .flat_map(|r| r.ports.clone().unwrap_or_default())
+            .filter_map(|p| match p.port {
+                Some(IntOrString::Int(port)) => Some(port),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The proxy reaches the pod as flags and volumes; the credentials
+    /// Secret is the customer's (optional, named in the header); egress
+    /// goes to the proxy's port instead of tether-server's.
+    #[test]
+    fn a_proxied_bundle_mounts_the_customers_secret_and_allows_the_proxy() {
+        let bundle = render(&proxied_input()).expect("renders");
+        let deployment: Deployment = serde_yaml_ng::Deserializer::from_str(&bundle.yaml)
+            .map(|doc| serde_json::Value::deserialize(doc).expect("yaml"))
+            .find(|d| d["kind"] == "Deployment")
+            .map(|d| serde_json::from_value(d).expect("Deployment"))
+            .expect("a Deployment");
+        let pod = deployment.spec.expect("spec").template.spec.expect("pod");
+        let args = pod.containers[0].args.clone().expect("args");
+        for expected in [
+            "--proxy=http://proxy.corp.example:3128",
+            "--no-proxy=.corp.example,10.0.0.0/8",
+            "--proxy-ca-cert=/etc/tether-proxy-ca/ca.crt",
+            "--proxy-credentials-file=/etc/tether-proxy/credentials",
+        ] {
+            assert!(
+                args.contains(&expected.to_owned()),
+                "{expected} in {args:?}"
+            );
+        }
+        let volumes = pod.volumes.expect("volumes");
+        let credentials = volumes
+            .iter()
+            .find(|v| v.name == "proxy-credentials")
+            .and_then(|v| v.secret.clone())
+            .expect("credentials volume");
+        assert_eq!(credentials.secret_name.as_deref(), Some("corp-proxy"));
+        assert_eq!(credentials.optional, Some(true));
+        assert!(bundle.yaml.contains("kind: ConfigMap"));
+        assert!(bundle.yaml.contains(
+            "#   kubectl -n tether-agent create secret generic corp-proxy --from-literal=credentials='user:password'"
+        ));
+        assert!(
+            !bundle
+                .yaml
+                .contains("kind: Secret\nmetadata:\n  name: corp-proxy"),
+            "never the customer's Secret"
+        );
+        assert_eq!(egress_ports(&bundle), [53, 53, 3128, 443, 6443]);
+
+        // tether-server in the no-proxy list: the agent goes direct, and so
+        // does the policy.
+        let mut direct = proxied_input();
+        if let Some(proxy) = direct.proxy.as_mut() {
+            proxy.no_proxy.push("tether.example.com".into());
+        }
+        let bundle = render(&direct).expect("renders");
+        assert_eq!(egress_ports(&bundle), [53, 53, 8443, 443, 6443]);
+        assert!(bundle.yaml.contains("is in its no-proxy list"));
+    }
+
+    /// A bundle read back renders to the same bytes: what `bundle export
+    /// --proxy` builds on.
+    #[test]
+    fn a_bundle_reads_back_to_what_rendered_it() {
+        for input in [input(), proxied_input()] {
+            let bundle = render(&input).expect("renders");
+            let read = BundleInput::from_bundle(&bundle.yaml).expect("reads back");
+            assert_eq!(render(&read).expect("renders").yaml, bundle.yaml);
+        }
+        let bundle = render(&input()).expect("renders");
+        let altered = bundle.yaml.replace("replicas: 1", "replicas: 0");
+        assert!(matches!(
+            BundleInput::from_bundle(&altered),
+            Err(BundleError::Altered { .. })
+        ));
     }
 
     #[test]
@@ -621,8 +962,6 @@ mod tests {
             .collect();
         assert_eq!(ports, [53, 53, 8443, 443, 6443]);
     }
-
-    use serde::Deserialize;
 
     #[test]
     fn tampered_bundles_are_detected() {

@@ -59,6 +59,15 @@ pub struct ExportArgs {
     /// Output file (`-` for stdout). Required: the bundle contains secrets.
     #[arg(short, long)]
     pub output: Option<PathBuf>,
+    /// The customer's HTTP proxy (`http://host:port` or `https://…`), set
+    /// in this export only: for a customer who tells it after the
+    /// ProxiedCluster was written. Replaces spec.agent.proxy.url.
+    #[arg(long)]
+    pub proxy: Option<String>,
+    /// Hosts the agent reaches without the proxy (comma-separated NO_PROXY
+    /// entries), in this export only. Replaces spec.agent.proxy.noProxy.
+    #[arg(long)]
+    pub no_proxy: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -175,7 +184,14 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
         .and_then(|d| d.get(BUNDLE_KEY))
         .map(|b| String::from_utf8_lossy(&b.0).into_owned())
         .with_context(|| format!("Secret {name} has no {BUNDLE_KEY}"))?;
-    let sha256 = bundle::verify(&yaml)?;
+    let mut sha256 = bundle::verify(&yaml)?;
+    let yaml = match with_export_proxy(&yaml, args.proxy, args.no_proxy)? {
+        Some(rendered) => {
+            sha256 = rendered.sha256;
+            rendered.yaml
+        }
+        None => yaml,
+    };
     write_secret_output(&output, &yaml)?;
     eprintln!(
         "bundle for cluster {} written to {} (sha256 {sha256}); it contains secrets: hand it over as one",
@@ -183,6 +199,49 @@ async fn export(args: ExportArgs) -> anyhow::Result<()> {
         output.display()
     );
     Ok(())
+}
+
+/// The bundle re-rendered with the proxy given at export time, if any was;
+/// the ProxiedCluster and the operator's copy stay as they are.
+pub fn with_export_proxy(
+    yaml: &str,
+    proxy: Option<String>,
+    no_proxy: Option<String>,
+) -> anyhow::Result<Option<bundle::Bundle>> {
+    if proxy.is_none() && no_proxy.is_none() {
+        return Ok(None);
+    }
+    let mut input = BundleInput::from_bundle(yaml)?;
+    let mut spec = match (input.proxy.take(), proxy) {
+        (current, Some(url)) => crate::crd::AgentProxySpec {
+            url,
+            ..current.unwrap_or(crate::crd::AgentProxySpec {
+                url: String::new(),
+                no_proxy: Vec::new(),
+                ca_cert: None,
+                credentials_secret_name: None,
+            })
+        },
+        (Some(current), None) => current,
+        (None, None) => bail!(
+            "--no-proxy needs a proxy: pass --proxy too (this ProxiedCluster has no spec.agent.proxy)"
+        ),
+    };
+    if let Some(list) = no_proxy {
+        spec.no_proxy = list
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_owned)
+            .collect();
+    }
+    crate::reconcile::check_proxy(&spec).map_err(|problem| anyhow::anyhow!("{problem}"))?;
+    eprintln!(
+        "proxy {} set in this export only (spec.agent.proxy is unchanged)",
+        spec.url
+    );
+    input.proxy = Some(spec);
+    Ok(Some(bundle::render(&input)?))
 }
 
 /// A CA in a directory: ca.crt, ca.key; created when absent.

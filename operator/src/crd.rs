@@ -145,6 +145,40 @@ pub struct AgentSpec {
     /// own `argocd-manager`); narrow it to what you deploy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rules: Option<Vec<PolicyRule>>,
+    /// The customer's HTTP proxy, when their cluster reaches tether-server
+    /// only through one (CONNECT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy: Option<AgentProxySpec>,
+}
+
+/// A corporate HTTP proxy between the agent and tether-server. Its
+/// credentials never appear here: they belong to the customer, who puts
+/// them in a Secret in their own cluster.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentProxySpec {
+    /// `http://host:port`, or `https://host:port` for TLS to the proxy;
+    /// no user or password in it.
+    #[schemars(regex(pattern = r"^https?://[^\s@/]+/?$"))]
+    pub url: String,
+    /// Hosts the agent reaches without the proxy (NO_PROXY entries: names,
+    /// .domains, IPs, CIDRs, host:port). The agent's own API server is
+    /// never proxied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub no_proxy: Vec<String>,
+    /// PEM CA of an https:// proxy's certificate, when a private CA signed it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_cert: Option<String>,
+    /// A Secret the customer creates in the agent's namespace, with key
+    /// `credentials` holding `user:password` for the proxy's Basic
+    /// authentication. Optional in the bundle: the agent connects without
+    /// credentials until it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub credentials_secret_name: Option<String>,
 }
 
 fn default_agent_namespace() -> String {
@@ -163,6 +197,7 @@ impl Default for AgentSpec {
             replicas: default_replicas(),
             resources: None,
             rules: None,
+            proxy: None,
         }
     }
 }

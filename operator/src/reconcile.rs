@@ -240,11 +240,30 @@ pub fn validate_spec(
     if !(url.starts_with("wss://") || url.starts_with("ws://")) || url_host(url).is_none() {
         return Err(format!("public URL {url:?} is not ws(s)://host[:port]"));
     }
+    if let Some(proxy) = &pc.spec.agent.proxy {
+        check_proxy(proxy)?;
+    }
     Ok(ValidSpec {
         cluster_id: id,
         agent_cert_lifetime: lifetime,
         public_url: url.to_owned(),
     })
+}
+
+/// `spec.agent.proxy`: a URL the agent accepts, without credentials, and a
+/// CA that holds a certificate.
+pub fn check_proxy(proxy: &crate::crd::AgentProxySpec) -> Result<(), String> {
+    if proxy.url.contains('@') {
+        return Err("spec.agent.proxy.url must not hold credentials: name a Secret the customer creates in spec.agent.proxy.credentialsSecretName".into());
+    }
+    tether::agent::check_proxy_url(&proxy.url)
+        .map_err(|err| format!("spec.agent.proxy.url: {err}"))?;
+    if let Some(pem) = &proxy.ca_cert
+        && tether::tls::certs_from_pem(pem.as_bytes()).is_empty()
+    {
+        return Err("spec.agent.proxy.caCert holds no PEM certificate".into());
+    }
+    Ok(())
 }
 
 /// `spec.certificates.agentDuration`, at least `min_cert_duration`.
@@ -266,9 +285,15 @@ pub fn agent_cert_lifetime(
 /// The path of the first string in `spec` (keys included) that holds a
 /// control character, as `spec.agent.image`.
 fn field_with_control_character(spec: &ProxiedClusterSpec) -> Option<String> {
+    /// PEM text: lines are its form.
+    const MULTI_LINE: &[&str] = &["spec.agent.proxy.caCert"];
     fn walk(value: &serde_json::Value, path: &str) -> Option<String> {
         let bad = |s: &str| s.chars().any(char::is_control);
         match value {
+            serde_json::Value::String(s) if MULTI_LINE.contains(&path) => s
+                .chars()
+                .any(|c| c.is_control() && c != '\n')
+                .then(|| path.to_owned()),
             serde_json::Value::String(s) if bad(s) => Some(path.to_owned()),
             serde_json::Value::Array(items) => items
                 .iter()
@@ -1372,6 +1397,18 @@ mod tests {
             (
                 serde_json::json!({"certificates": {"agentDuration": "10m"}}),
                 "spec.certificates.agentDuration must be at least 1h",
+            ),
+            (
+                serde_json::json!({"agent": {"proxy": {"url": "http://u:pw@proxy:3128"}}}),
+                "spec.agent.proxy.url must not hold credentials: name a Secret the customer creates in spec.agent.proxy.credentialsSecretName",
+            ),
+            (
+                serde_json::json!({"agent": {"proxy": {"url": "socks5://proxy:1080"}}}),
+                "spec.agent.proxy.url: proxy URL scheme \"socks5\" is not supported: tether-agent speaks HTTP CONNECT to http:// and https:// proxies",
+            ),
+            (
+                serde_json::json!({"agent": {"proxy": {"url": "https://proxy:3129", "caCert": "not PEM"}}}),
+                "spec.agent.proxy.caCert holds no PEM certificate",
             ),
         ] {
             assert_eq!(validate_spec(&pc(spec), url, HOUR), Err(problem.to_owned()));

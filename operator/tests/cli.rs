@@ -426,6 +426,69 @@ async fn export_and_status_read_from_the_cluster() {
         .expect("b64");
     assert_eq!(std::fs::read(&out_file).expect("read"), stored);
 
+    // A proxy the customer named late: set in this export, the rest as
+    // the operator rendered it, the hash header true to the new body.
+    let proxied_file = dir.path().join("proxied.yaml");
+    let exported = kubectl_tether(
+        &[
+            "bundle",
+            "export",
+            "acme",
+            "--proxy",
+            "http://proxy.corp.example:3128",
+            "--no-proxy",
+            ".corp.example, 10.0.0.0/8",
+            "-o",
+            &proxied_file.display().to_string(),
+        ],
+        Some(&kubeconfig),
+    );
+    assert!(
+        exported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&exported.stderr)
+    );
+    let proxied = std::fs::read_to_string(&proxied_file).expect("read");
+    tether_operator::bundle::verify(&proxied).expect("a true hash header");
+    for flag in [
+        "--proxy=http://proxy.corp.example:3128",
+        "--no-proxy=.corp.example,10.0.0.0/8",
+    ] {
+        assert!(proxied.contains(flag), "{flag}");
+    }
+    let original = String::from_utf8_lossy(&stored);
+    let secret_of = |bundle: &str| {
+        serde_yaml_ng::Deserializer::from_str(bundle)
+            .map(|doc| Value::deserialize(doc).expect("yaml"))
+            .find(|doc| doc["kind"] == "Secret")
+            .expect("agent Secret")
+    };
+    assert_eq!(
+        secret_of(&proxied),
+        secret_of(&original),
+        "same credentials"
+    );
+    for (args, problem) in [
+        (
+            vec!["--no-proxy", "x.example"],
+            "--no-proxy needs a proxy: pass --proxy too",
+        ),
+        (
+            vec!["--proxy", "http://u:pw@proxy:3128"],
+            "must not hold credentials",
+        ),
+    ] {
+        let mut command = vec!["bundle", "export", "acme", "-o", "/dev/null"];
+        command.extend(args);
+        let refused = kubectl_tether(&command, Some(&kubeconfig));
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(
+            !refused.status.success() && stderr.contains(problem),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("pw@"), "{stderr}");
+    }
+
     eventually("ready", || {
         api.get("/apis/tether.dev/v1alpha1/namespaces/tenants/proxiedclusters/acme")
             .is_some_and(|pc| {

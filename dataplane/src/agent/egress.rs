@@ -136,6 +136,12 @@ impl EgressError {
 /// How long reaching the proxy, its TLS and its answer to CONNECT may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Checks a proxy URL as the agent will read it (for the operator, before
+/// it renders one into a bundle); the URL without credentials.
+pub fn check_proxy_url(url: &str) -> Result<String, EgressError> {
+    HttpProxy::parse(url, &ProxyArgs::default()).map(|proxy| proxy.display)
+}
+
 /// Where the agent's connections to tether-server go.
 pub enum Route {
     Direct,

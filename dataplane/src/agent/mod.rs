@@ -28,8 +28,9 @@ use crate::protocol::Version;
 use crate::server::{parse_duration, parse_listen_addr};
 use crate::tls::{self, TlsError};
 use crate::websocket;
-pub use egress::ProxyArgs;
+pub use egress::{ProxyArgs, check_proxy_url};
 pub use health::AgentMetrics;
+pub use no_proxy::NoProxy;
 
 use egress::CONNECT_TIMEOUT;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
