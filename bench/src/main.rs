@@ -2,6 +2,7 @@
 //! direct path in the same run, on loopback, with TLS on every hop as in
 //! production. Prints a table and writes BENCHMARKS.md.
 
+mod proxy;
 mod rig;
 mod scale;
 mod streams;
@@ -36,9 +37,10 @@ struct Args {
 }
 
 /// The groups of figures, in the order they run.
-const GROUPS: [&str; 8] = [
+const GROUPS: [&str; 9] = [
     "throughput",
     "latency",
+    "proxy",
     "ha",
     "head-of-line",
     "concurrency",
@@ -535,6 +537,9 @@ async fn main() -> Result<()> {
     }
     if run("latency") {
         latency_rows(&mut rows, args.quick).await?;
+    }
+    if run("proxy") {
+        proxy::rows(&mut rows, args.quick).await?;
     }
     if run("ha") {
         forwarding_row(&mut rows, args.quick).await?;

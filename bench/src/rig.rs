@@ -24,6 +24,9 @@ use tether::tls::{self, ServerTlsFiles};
 const SA_TOKEN: &str = "bench-serviceaccount-token";
 const AGENT_TOKEN: &str = "bench-agent-token";
 const HOUR: Duration = Duration::from_secs(3600);
+/// tether-server's name when the agent reaches it through a proxy: the
+/// agent never proxies loopback, and the proxy resolves this name itself.
+pub const PROXIED_SERVER_NAME: &str = "tether-bench.test";
 
 /// CPU time (user + system) this process has used, in seconds.
 pub fn cpu_seconds() -> f64 {
@@ -188,7 +191,12 @@ impl Setup {
         };
         let server = issue(
             "server",
-            LeafRequest::server("tether-server", &["localhost"], &loopback, HOUR),
+            LeafRequest::server(
+                "tether-server",
+                &["localhost", PROXIED_SERVER_NAME],
+                &loopback,
+                HOUR,
+            ),
         )?;
         let api = issue(
             "api",
@@ -328,6 +336,12 @@ impl Rig {
     /// ports and wss between agent and server; otherwise plain ws and http
     /// (the API server hop is TLS either way, as in production).
     pub async fn start(tls: bool) -> Result<Self> {
+        Self::start_with(tls, None).await
+    }
+
+    /// As [`Rig::start`], the agent reaching tether-server through the
+    /// HTTP proxy at `proxy` (as `PROXIED_SERVER_NAME`).
+    pub async fn start_with(tls: bool, proxy: Option<&str>) -> Result<Self> {
         let setup = Setup::new()?;
         let backend = FakeApiServer::start(
             tokio::net::TcpListener::bind("127.0.0.1:0").await?,
@@ -340,7 +354,20 @@ impl Rig {
             std::iter::once("tether-server".to_owned()).chain(server_args),
         ))
         .await?;
-        let agent_args = setup.agent_args(tls, server.public_addr.port(), backend.addr);
+        let mut agent_args = setup.agent_args(tls, server.public_addr.port(), backend.addr);
+        if let Some(proxy) = proxy {
+            let url = agent_args
+                .iter()
+                .position(|a| a == "--server")
+                .map(|flag| flag + 1)
+                .context("agent flags without --server")?;
+            agent_args[url] = format!(
+                "{}://{PROXIED_SERVER_NAME}:{}",
+                if tls { "wss" } else { "ws" },
+                server.public_addr.port()
+            );
+            agent_args.extend(["--proxy".to_owned(), proxy.to_owned()]);
+        }
         let agent = Agent::start(AgentArgs::parse_from(
             std::iter::once("tether-agent".to_owned()).chain(agent_args),
         ))
