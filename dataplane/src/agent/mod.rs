@@ -85,7 +85,8 @@ pub struct AgentArgs {
     /// The only host:port this agent forwards to.
     #[arg(long, env = "TARGET", default_value = crate::clusters::DEFAULT_TARGET)]
     pub target: String,
-    /// ServiceAccount token, re-read for every request (projected tokens rotate).
+    /// ServiceAccount token, checked for every request and read again when
+    /// it changed (projected tokens rotate).
     #[arg(
         long,
         env = "SA_TOKEN_PATH",

@@ -21,10 +21,75 @@ use crate::http::{Body, kube_status};
 use crate::mux::IncomingStream;
 use crate::tls;
 
+/// The agent's own `Authorization` value, checked for every request:
+/// projected tokens are rotated on disk. The file's identity (inode, size,
+/// modification time) is checked each time, a cheap `stat`; the file is
+/// read again when it changed, and at least once a second in any case
+/// (a rewrite within one tick of the file system's clock, at the same
+/// size, looks unchanged).
+struct ServiceAccountToken {
+    path: PathBuf,
+    cached: std::sync::Mutex<Option<CachedToken>>,
+}
+
+struct CachedToken {
+    identity: (u64, u64, std::time::SystemTime),
+    read_at: std::time::Instant,
+    value: HeaderValue,
+}
+
+const TOKEN_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl ServiceAccountToken {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
+    // A stat and, rarely, a read of a small local file: cheaper on the
+    // runtime thread than a round trip through the blocking pool.
+    fn bearer(&self) -> Result<HeaderValue, &'static str> {
+        use std::os::unix::fs::MetadataExt;
+        let unreadable = || {
+            warn!(path = %self.path.display(), "cannot read the ServiceAccount token");
+            "tether-agent cannot read its ServiceAccount token"
+        };
+        let metadata = std::fs::metadata(&self.path).map_err(|_| unreadable())?;
+        let identity = (
+            metadata.ino(),
+            metadata.len(),
+            metadata.modified().map_err(|_| unreadable())?,
+        );
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(token) = cached.as_ref()
+            && token.identity == identity
+            && token.read_at.elapsed() < TOKEN_MAX_AGE
+        {
+            return Ok(token.value.clone());
+        }
+        let token = std::fs::read_to_string(&self.path).map_err(|_| unreadable())?;
+        if token.trim().is_empty() {
+            *cached = None;
+            return Err(unreadable());
+        }
+        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+            .map_err(|_| "tether-agent's ServiceAccount token is not a valid header value")?;
+        value.set_sensitive(true);
+        *cached = Some(CachedToken {
+            identity,
+            read_at: std::time::Instant::now(),
+            value: value.clone(),
+        });
+        Ok(value)
+    }
+}
+
 pub(super) struct Upstream {
     target: String,
     base: String,
-    sa_token_path: PathBuf,
+    sa_token: ServiceAccountToken,
     /// Pooled keep-alive connections to the target: no TLS handshake per request.
     client: Client<HttpsConnector<HttpConnector>, Body>,
     metrics: Arc<AgentMetrics>,
@@ -53,7 +118,7 @@ impl Upstream {
         Ok(Self {
             target: args.target.clone(),
             base: format!("{scheme}://{}", args.target),
-            sa_token_path: args.sa_token_path.clone(),
+            sa_token: ServiceAccountToken::new(args.sa_token_path.clone()),
             client,
             metrics,
         })
@@ -90,20 +155,8 @@ impl Upstream {
         self.metrics.upstream_errors.inc();
     }
 
-    /// The agent's own `Authorization` value. Read for every request:
-    /// projected tokens are rotated on disk.
     async fn bearer(&self) -> Result<HeaderValue, &'static str> {
-        let token = match tokio::fs::read_to_string(&self.sa_token_path).await {
-            Ok(token) if !token.trim().is_empty() => token,
-            Ok(_) | Err(_) => {
-                warn!(path = %self.sa_token_path.display(), "cannot read the ServiceAccount token");
-                return Err("tether-agent cannot read its ServiceAccount token");
-            }
-        };
-        let mut value = HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-            .map_err(|_| "tether-agent's ServiceAccount token is not a valid header value")?;
-        value.set_sensitive(true);
-        Ok(value)
+        self.sa_token.bearer()
     }
 
     /// A request of the agent's own to its API server (storing renewed
@@ -188,5 +241,41 @@ impl Upstream {
                 )
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bearer_text(token: &ServiceAccountToken) -> Result<String, &'static str> {
+        token
+            .bearer()
+            .map(|v| v.to_str().unwrap_or_default().to_owned())
+    }
+
+    /// Every change the kubelet makes is seen at the next request: an
+    /// atomic swap (a new file, as projected volumes do) and a rewrite.
+    #[test]
+    fn a_rotated_token_is_used_at_the_next_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        let token = ServiceAccountToken::new(path.clone());
+        std::fs::write(&path, "first-token\n").expect("write");
+        assert_eq!(bearer_text(&token), Ok("Bearer first-token".into()));
+        assert_eq!(bearer_text(&token), Ok("Bearer first-token".into()));
+        let staged = dir.path().join("staged");
+        std::fs::write(&staged, "other-token\n").expect("write");
+        std::fs::rename(&staged, &path).expect("swap");
+        assert_eq!(bearer_text(&token), Ok("Bearer other-token".into()));
+        std::fs::write(&path, "a-longer-rewritten-token").expect("rewrite");
+        assert_eq!(
+            bearer_text(&token),
+            Ok("Bearer a-longer-rewritten-token".into())
+        );
+        std::fs::write(&path, "  \n").expect("empty");
+        assert!(bearer_text(&token).is_err(), "an empty token is refused");
+        std::fs::remove_file(&path).expect("remove");
+        assert!(bearer_text(&token).is_err(), "a missing token is refused");
     }
 }
