@@ -6,7 +6,6 @@
 use http::header::HeaderValue;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tracing::debug;
@@ -44,7 +43,11 @@ pub fn prepare<B>(request: &mut Request<B>, keep_impersonation: bool) -> Prepare
 /// Turns the next hop's answer into ours. Bodies stream through untouched
 /// (watches, long LISTs). A 101 to an upgrade splices the two connections
 /// until either side closes.
-pub fn relay(prepared: Prepared, mut response: Response<Incoming>, label: &str) -> Response<Body> {
+pub fn relay<B>(prepared: Prepared, mut response: Response<B>, label: &str) -> Response<Body>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + Sync + 'static,
+    B::Error: Into<crate::http::BoxError>,
+{
     if let (StatusCode::SWITCHING_PROTOCOLS, Some(protocol), Some(caller)) =
         (response.status(), prepared.upgrade, prepared.caller_upgrade)
     {

@@ -892,3 +892,35 @@ async fn a_stalled_failing_cluster_never_shows_on_another() {
     }
     drop(stalled);
 }
+
+/// Sequential requests share one tunnel stream, kept open between them as
+/// a client keeps a TCP connection; each still carries the agent's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_one_stream() {
+    let env = Env::start(Security::Mtls).await;
+    let _agent = env.connected_agent().await;
+    let client = env.argocd();
+    let url = format!("{}/tunnel/dev/api/v1/namespaces", env.internal_url());
+    for _ in 0..20 {
+        assert_eq!(client.get(&url).await.status, StatusCode::OK);
+    }
+    let metrics = client
+        .get(&format!("{}/metrics", env.internal_url()))
+        .await
+        .text();
+    for expected in [
+        "tunnel_active_connections{cluster=\"dev\"} 1",
+        "tunnel_idle_connections{cluster=\"dev\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == expected),
+            "{expected} in\n{metrics}"
+        );
+    }
+    let seen = env.backend.seen();
+    assert!(seen.len() >= 20);
+    assert!(
+        seen.iter().all(|r| r.authorized),
+        "every request has the token"
+    );
+}

@@ -167,6 +167,7 @@ pub(super) async fn connect(
                 token_sha256,
                 instance,
                 certificate: certificate.clone(),
+                streams: Default::default(),
             },
         );
         if let Some(cluster) = state.clusters().get(&cluster_id) {

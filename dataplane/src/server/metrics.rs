@@ -17,6 +17,7 @@ pub struct ServerMetrics {
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
     pub active_streams: IntGaugeVec,
+    idle_streams: IntGaugeVec,
     pub buffered_bytes: IntGaugeVec,
     pub agents_connected: IntGauge,
     pub rate_limited: IntCounter,
@@ -49,7 +50,14 @@ impl ServerMetrics {
         let active_streams = IntGaugeVec::new(
             Opts::new(
                 "tunnel_active_connections",
-                "Streams open on each cluster's tunnel.",
+                "Streams open on each cluster's tunnel (idle kept-alive ones included).",
+            ),
+            &["cluster"],
+        )?;
+        let idle_streams = IntGaugeVec::new(
+            Opts::new(
+                "tunnel_idle_connections",
+                "Streams of each cluster's tunnel kept open for the next request.",
             ),
             &["cluster"],
         )?;
@@ -80,6 +88,7 @@ impl ServerMetrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(active_streams.clone()))?;
+        registry.register(Box::new(idle_streams.clone()))?;
         registry.register(Box::new(buffered_bytes.clone()))?;
         registry.register(Box::new(agents_connected.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
@@ -111,6 +120,7 @@ impl ServerMetrics {
             requests,
             duration,
             active_streams,
+            idle_streams,
             buffered_bytes,
             agents_connected,
             rate_limited,
@@ -125,12 +135,16 @@ impl ServerMetrics {
     /// The text exposition, with tunnel gauges read from the live sessions.
     pub fn render(&self, tunnels: &Tunnels) -> String {
         self.active_streams.reset();
+        self.idle_streams.reset();
         self.buffered_bytes.reset();
         let snapshot = tunnels.snapshot();
         for (id, tunnel) in &snapshot {
             self.active_streams
                 .with_label_values(&[id.as_str()])
                 .set(tunnel.session.open_streams() as i64);
+            self.idle_streams
+                .with_label_values(&[id.as_str()])
+                .set(tunnel.streams.idle() as i64);
             self.buffered_bytes
                 .with_label_values(&[id.as_str()])
                 .set(tunnel.session.buffered_bytes() as i64);

@@ -10,6 +10,7 @@ mod proxy;
 mod ratelimit;
 pub mod registry;
 pub mod signing;
+mod streams;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -10,12 +10,12 @@ use http::{Request, Response, StatusCode, Uri, Version as HttpVersion};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use super::ServerState;
 use super::metrics::UNKNOWN_CLUSTER;
 use super::peers::FORWARDED_HEADER;
+use super::streams::SendError;
 use crate::clusters::Cluster;
 use crate::forward;
 use crate::http::{Body, kube_status};
@@ -152,7 +152,7 @@ fn prepare_outgoing(
 
 /// What one hop made of a request.
 enum Hop {
-    Answered(Response<Incoming>),
+    Answered(Response<Body>),
     /// Refused after it carried the request, or before without a way to
     /// hand it on: the caller gets this.
     Failed(Response<Body>),
@@ -208,7 +208,7 @@ async fn dispatch(
             }
             (None, Some(tunnel)) => {
                 tried_local = true;
-                send(&cluster.target_addr, &tunnel.session, outgoing, label).await
+                send(&cluster.target_addr, &tunnel, outgoing, label).await
             }
             (None, None) => {
                 return refusal.unwrap_or_else(|| {
@@ -230,34 +230,24 @@ async fn dispatch(
 
 async fn send(
     target: &str,
-    session: &crate::mux::Session,
+    tunnel: &super::registry::Tunnel,
     mut outgoing: Request<Body>,
     label: &str,
 ) -> Hop {
     if let Ok(host) = HeaderValue::from_str(target) {
         outgoing.headers_mut().insert(header::HOST, host);
     }
-    let stream = match session.open(target).await {
-        Ok(stream) => stream,
-        Err(err @ (OpenError::Draining | OpenError::Closed)) => {
-            return Hop::Unserved(Box::new((outgoing, open_failure(err))));
-        }
-        Err(err) => return Hop::Failed(open_failure(err)),
-    };
-    let (mut sender, connection) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-            Ok(pair) => pair,
-            Err(err) => return Hop::Failed(tunnel_failure(&err)),
-        };
-    let label_owned = label.to_owned();
-    tokio::spawn(async move {
-        if let Err(err) = connection.with_upgrades().await {
-            debug!(cluster = %label_owned, error = %err, "tunnel stream ended with an error");
-        }
-    });
-    match sender.send_request(outgoing).await {
+    match tunnel
+        .streams
+        .send(&tunnel.session, target, outgoing, label)
+        .await
+    {
         Ok(response) => Hop::Answered(response),
-        Err(err) => Hop::Failed(tunnel_failure(&err)),
+        Err(SendError::Open(err @ (OpenError::Draining | OpenError::Closed), outgoing)) => {
+            Hop::Unserved(Box::new((*outgoing, open_failure(err))))
+        }
+        Err(SendError::Open(err, _)) => Hop::Failed(open_failure(err)),
+        Err(SendError::Failed(err)) => Hop::Failed(tunnel_failure(&err)),
     }
 }
 
@@ -294,7 +284,7 @@ async fn forward_to_peer(
         }
         Ok(response) => {
             state.metrics.forwarded.with_label_values(&["ok"]).inc();
-            Hop::Answered(response)
+            Hop::Answered(response.map(|body| body.map_err(Into::into).boxed()))
         }
         Err(err) => {
             state.metrics.forwarded.with_label_values(&["error"]).inc();

@@ -26,6 +26,8 @@ pub struct Tunnel {
     pub instance: Option<String>,
     /// The client certificate the agent presented (mTLS).
     pub certificate: Option<crate::pki::CertInfo>,
+    /// Idle HTTP/1.1 connections over this session's streams.
+    pub streams: std::sync::Arc<super::streams::StreamPool>,
 }
 
 #[derive(Default)]
@@ -50,6 +52,7 @@ impl Registry {
     pub fn insert(&self, cluster: &str, tunnel: Tunnel) {
         let replaced = self.tunnels().insert(cluster.to_owned(), tunnel);
         if let Some(old) = replaced {
+            old.streams.clear();
             retire(old.session);
         }
     }
@@ -148,6 +151,7 @@ impl Registry {
     pub fn go_away_all(&self) {
         for tunnel in self.tunnels().values() {
             tunnel.session.go_away();
+            tunnel.streams.clear();
         }
     }
 
@@ -200,6 +204,7 @@ mod tests {
             token_sha256: crate::clusters::token_sha256("t"),
             instance: None,
             certificate: None,
+            streams: Default::default(),
         }
     }
 
