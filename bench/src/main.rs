@@ -2,6 +2,7 @@
 //! direct path in the same run, on loopback, with TLS on every hop as in
 //! production. Prints a table and writes BENCHMARKS.md.
 
+mod external;
 mod proxy;
 mod rig;
 mod scale;
@@ -37,9 +38,10 @@ struct Args {
 }
 
 /// The groups of figures, in the order they run.
-const GROUPS: [&str; 9] = [
+const GROUPS: [&str; 10] = [
     "throughput",
     "latency",
+    "external",
     "proxy",
     "ha",
     "head-of-line",
@@ -537,6 +539,9 @@ async fn main() -> Result<()> {
     }
     if run("latency") {
         latency_rows(&mut rows, args.quick).await?;
+    }
+    if run("external") {
+        external::rows(&mut rows, args.quick).await?;
     }
     if run("proxy") {
         proxy::rows(&mut rows, args.quick).await?;

@@ -21,7 +21,7 @@ use tether::pki::{CertificateAuthority, LeafRequest};
 use tether::server::{RunningServer, ServerArgs};
 use tether::tls::{self, ServerTlsFiles};
 
-const SA_TOKEN: &str = "bench-serviceaccount-token";
+pub const SA_TOKEN: &str = "bench-serviceaccount-token";
 const AGENT_TOKEN: &str = "bench-agent-token";
 const HOUR: Duration = Duration::from_secs(3600);
 /// tether-server's name when the agent reaches it through a proxy: the

@@ -131,7 +131,7 @@ async fn watch(client: &Client, url: &str) -> Result<()> {
 
 /// Waits until the agent holds its session (the server's metrics): the
 /// server is ready before any agent connects.
-async fn wait_ready(client: &Client, base: &str) -> Result<()> {
+pub async fn wait_ready(client: &Client, base: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let connected = match client

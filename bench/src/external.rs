@@ -1,0 +1,325 @@
+//! Small requests measured from outside, as a user would: tether-server and
+//! tether-agent as separate release processes, Debian's nginx with TLS as
+//! the upstream (it checks the bearer token the agent injects), and `wrk`
+//! as the load. Direct is wrk to nginx. Each figure is run twice and both
+//! results are shown: the machine is noisy, and only same-run ratios count.
+//!
+//! wrk cannot present a client certificate, so the wss+mTLS setup (whose
+//! internal port requires ArgoCD's certificate) is driven by the
+//! benchmark's own client; a calibration row runs both clients against
+//! nginx directly to show that client is not the bottleneck.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+use crate::rig::{Process, SA_TOKEN, Setup, free_ports};
+use crate::{Row, latency, us};
+
+/// What one load run measured.
+#[derive(Clone, Copy)]
+struct Load {
+    p50: Duration,
+    p99: Duration,
+    rate: f64,
+}
+
+fn installed(tool: &str, arg: &str) -> bool {
+    Command::new(tool)
+        .arg(arg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+/// nginx on 127.0.0.1 with the API server's certificate: 1 KiB for a
+/// request with the agent's token, 401 otherwise.
+struct Nginx {
+    _process: Process,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(setup: &Setup) -> Result<Self> {
+        let [port] = free_ports::<1>()?;
+        let dir = setup.path("nginx");
+        std::fs::create_dir_all(&dir)?;
+        let body = "x".repeat(1023);
+        let conf = dir.join("nginx.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "worker_processes 1;\n\
+                 pid {dir}/nginx.pid;\n\
+                 error_log {dir}/error.log;\n\
+                 events {{ worker_connections 4096; }}\n\
+                 http {{\n\
+                   access_log off;\n\
+                   client_body_temp_path {dir};\n\
+                   keepalive_requests 1000000;\n\
+                   server {{\n\
+                     listen 127.0.0.1:{port} ssl;\n\
+                     ssl_certificate {cert};\n\
+                     ssl_certificate_key {key};\n\
+                     location / {{\n\
+                       if ($http_authorization != \"Bearer {SA_TOKEN}\") {{ return 401; }}\n\
+                       default_type application/json;\n\
+                       return 200 \"{body}\\n\";\n\
+                     }}\n\
+                   }}\n\
+                 }}\n",
+                dir = dir.display(),
+                cert = setup.api.0.display(),
+                key = setup.api.1.display(),
+            ),
+        )?;
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf)
+            .args(["-g", "daemon off; master_process off;"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("nginx")?;
+        let process = Process::from_child(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "nginx did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self {
+            _process: process,
+            port,
+        })
+    }
+}
+
+/// `wrk` against `url`: its p50, p99 and request rate.
+fn wrk(url: &str, connections: usize, seconds: u64, bearer: bool) -> Result<Load> {
+    let mut command = Command::new("wrk");
+    command
+        .args(["-t", if connections > 1 { "2" } else { "1" }])
+        .args(["-c", &connections.to_string()])
+        .args(["-d", &format!("{seconds}s"), "--latency"]);
+    if bearer {
+        command.args(["-H", &format!("Authorization: Bearer {SA_TOKEN}")]);
+    }
+    let output = command.arg(url).output().context("wrk")?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    anyhow::ensure!(
+        output.status.success() && !text.contains("Non-2xx"),
+        "wrk {url}: {text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let percentile = |label: &str| {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(label))
+            .and_then(|v| parse_wrk_duration(v.trim()))
+            .with_context(|| format!("wrk printed no {label} latency: {text}"))
+    };
+    let rate = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("wrk printed no rate: {text}"))?;
+    Ok(Load {
+        p50: percentile("50%")?,
+        p99: percentile("99%")?,
+        rate,
+    })
+}
+
+/// wrk's `123.45us`, `1.20ms`, `2.00s`.
+fn parse_wrk_duration(text: &str) -> Option<Duration> {
+    let split = text.find(|c: char| c.is_ascii_alphabetic())?;
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number.parse().ok()?;
+    let seconds = match unit {
+        "us" => number / 1e6,
+        "ms" => number / 1e3,
+        "s" => number,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(seconds))
+}
+
+/// tether-server and tether-agent as release processes in front of nginx.
+struct Tunnel {
+    _server: Process,
+    _agent: Process,
+    base: String,
+}
+
+async fn tunnel(setup: &Setup, tls: bool, nginx: u16) -> Result<Tunnel> {
+    let [public, internal] = free_ports::<2>()?;
+    let backend = format!("127.0.0.1:{nginx}").parse()?;
+    let server = Process::tether(
+        "tether-server",
+        &setup.server_args(
+            tls,
+            &format!("127.0.0.1:{public}"),
+            &format!("127.0.0.1:{internal}"),
+            backend,
+        )?,
+    )?;
+    let agent = Process::tether("tether-agent", &setup.agent_args(tls, public, backend))?;
+    let scheme = if tls { "https" } else { "http" };
+    let base = format!("{scheme}://localhost:{internal}");
+    crate::streams::wait_ready(&setup.client(tls)?, &base).await?;
+    Ok(Tunnel {
+        _server: server,
+        _agent: agent,
+        base,
+    })
+}
+
+fn pair(a: Load, b: Load, show: impl Fn(Load) -> String) -> String {
+    format!("{}; {}", show(a), show(b))
+}
+
+fn latency_text(load: Load) -> String {
+    format!("{} / {}", us(load.p50), us(load.p99))
+}
+
+fn rate_text(load: Load) -> String {
+    format!("{:.0}/s", load.rate)
+}
+
+/// Two runs each of direct and tunnel: the rows for concurrency 1 and 64.
+fn push_rows(
+    rows: &mut Vec<Row>,
+    setup_name: &str,
+    client: &str,
+    runs: [(Load, Load, Load, Load); 2],
+    targets: (&str, &str),
+) {
+    let [a, b] = runs;
+    let added = |run: (Load, Load, Load, Load)| us(run.1.p50.saturating_sub(run.0.p50));
+    let ratio = |run: (Load, Load, Load, Load)| run.3.rate / run.2.rate;
+    rows.push(Row {
+        name: format!("{setup_name}: GET 1 KiB c=1, {client}, two runs (p50 / p99)"),
+        direct: pair(a.0, b.0, latency_text),
+        tunnel: pair(a.1, b.1, latency_text),
+        ratio: format!("+{} and +{} p50", added(a), added(b)),
+        target: format!("added p50 ≤ {}", targets.0),
+    });
+    rows.push(Row {
+        name: format!("{setup_name}: GET 1 KiB c=64, {client}, two runs (req/s)"),
+        direct: pair(a.2, b.2, rate_text),
+        tunnel: pair(a.3, b.3, rate_text),
+        ratio: format!("{:.2}× and {:.2}×", ratio(a), ratio(b)),
+        target: format!("≥ {} request rate", targets.1),
+    });
+}
+
+/// The benchmark's own client at `connections` concurrency for about
+/// `seconds`, in wrk's terms.
+async fn own_client(
+    client: &crate::rig::Client,
+    url: &str,
+    bearer: bool,
+    connections: usize,
+    seconds: u64,
+) -> Result<Load> {
+    let auth = [("authorization", &*format!("Bearer {SA_TOKEN}"))];
+    let headers: &[(&str, &str)] = if bearer { &auth } else { &[] };
+    // Requests for about the time asked at the rate of a short probe.
+    let (_, _, probe) = latency(client, url, headers, connections, connections * 50).await?;
+    let total = ((probe * seconds as f64) as usize).max(connections * 100);
+    let (p50, p99, rate) = latency(client, url, headers, connections, total).await?;
+    Ok(Load { p50, p99, rate })
+}
+
+pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
+    if !installed("nginx", "-v") || !installed("wrk", "-v") {
+        rows.push(Row {
+            name: "external: tether processes, nginx upstream, wrk load".into(),
+            direct: "-".into(),
+            tunnel: "-".into(),
+            ratio: "skipped: nginx or wrk is not installed (apt install nginx wrk)".into(),
+            target: "-".into(),
+        });
+        return Ok(());
+    }
+    let seconds = if quick { 1 } else { 5 };
+    let setup = Setup::new()?;
+    let nginx = Nginx::start(&setup)?;
+    let direct = format!("https://localhost:{}/api/v1/namespaces/default", nginx.port);
+
+    // Plain ws tunnel, plain internal port: wrk on both paths.
+    let plain = tunnel(&setup, false, nginx.port).await?;
+    let through = format!("{}/tunnel/dev/api/v1/namespaces/default", plain.base);
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        runs.push((
+            wrk(&direct, 1, seconds, true)?,
+            wrk(&through, 1, seconds, false)?,
+            wrk(&direct, 64, seconds, true)?,
+            wrk(&through, 64, seconds, false)?,
+        ));
+    }
+    drop(plain);
+    push_rows(
+        rows,
+        "external, plain ws",
+        "wrk",
+        [runs[0], runs[1]],
+        ("100 µs", "0.6×"),
+    );
+
+    // wss+mTLS: the internal port wants ArgoCD's certificate.
+    let secure = tunnel(&setup, true, nginx.port).await?;
+    let client = setup.client(true)?;
+    let through = format!("{}/tunnel/dev/api/v1/namespaces/default", secure.base);
+    let mut runs = Vec::new();
+    for _ in 0..2 {
+        runs.push((
+            own_client(&client, &direct, true, 1, seconds).await?,
+            own_client(&client, &through, false, 1, seconds).await?,
+            own_client(&client, &direct, true, 64, seconds).await?,
+            own_client(&client, &through, false, 64, seconds).await?,
+        ));
+    }
+    drop(secure);
+    push_rows(
+        rows,
+        "external, wss+mTLS",
+        "bench client",
+        [runs[0], runs[1]],
+        ("150 µs", "0.45×"),
+    );
+
+    // Is the bench client the bottleneck? Both clients against nginx.
+    let by_wrk = wrk(&direct, 64, seconds, true)?;
+    let by_ours = own_client(&client, &direct, true, 64, seconds).await?;
+    rows.push(Row {
+        name: "calibration: nginx direct at c=64, wrk; bench client".into(),
+        direct: pair(by_wrk, by_ours, rate_text),
+        tunnel: "-".into(),
+        ratio: format!("bench client at {:.2}× wrk", by_ours.rate / by_wrk.rate),
+        target: "-".into(),
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_wrk_durations() {
+        assert_eq!(
+            parse_wrk_duration("123.45us"),
+            Some(Duration::from_secs_f64(123.45e-6))
+        );
+        assert_eq!(
+            parse_wrk_duration("1.50ms"),
+            Some(Duration::from_micros(1500))
+        );
+        assert_eq!(parse_wrk_duration("2.00s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_wrk_duration("fast"), None);
+    }
+}
