@@ -174,8 +174,12 @@ pub(crate) struct Shared {
     /// The replicas the server last announced (agent side).
     replicas: tokio::sync::watch::Sender<Option<Vec<String>>>,
     /// Credentials messages from the peer, for whoever took the receiver.
-    credentials_tx: mpsc::Sender<Bytes>,
-    credentials_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    /// Credentials messages from the peer not yet handled. A queue and a
+    /// `Notify` rather than a channel: nothing is allocated for the many
+    /// sessions that never see one.
+    credentials: Mutex<std::collections::VecDeque<Bytes>>,
+    credentials_ready: tokio::sync::Notify,
+    credentials_taken: std::sync::atomic::AtomicBool,
     protocol_errors: AtomicU32,
     epoch: Instant,
     last_seen_ms: AtomicU64,
@@ -199,7 +203,6 @@ impl Session {
     {
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (data_tx, data_rx) = mpsc::channel(DATA_QUEUE_FRAMES);
-        let (credentials_tx, credentials_rx) = mpsc::channel(CREDENTIALS_QUEUE);
         let (incoming_tx, incoming_rx) = match cfg.role {
             Role::Acceptor => {
                 let (tx, rx) = mpsc::channel(cfg.max_streams.max(1));
@@ -219,8 +222,9 @@ impl Session {
             local_going_away: AtomicBool::new(false),
             peer_going_away: CancellationToken::new(),
             replicas: tokio::sync::watch::channel(None).0,
-            credentials_tx,
-            credentials_rx: Mutex::new(Some(credentials_rx)),
+            credentials: Mutex::new(std::collections::VecDeque::new()),
+            credentials_ready: tokio::sync::Notify::new(),
+            credentials_taken: std::sync::atomic::AtomicBool::new(false),
             protocol_errors: AtomicU32::new(0),
             epoch: Instant::now(),
             last_seen_ms: AtomicU64::new(0),
@@ -361,12 +365,11 @@ impl Session {
     }
 
     /// The credentials messages the peer sends; `None` after the first call.
-    pub fn take_credentials(&self) -> Option<mpsc::Receiver<Bytes>> {
-        self.shared
-            .credentials_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+    pub fn take_credentials(&self) -> Option<CredentialsReceiver> {
+        let taken = self.shared.credentials_taken.swap(true, Ordering::AcqRel);
+        (!taken).then(|| CredentialsReceiver {
+            shared: self.shared.clone(),
+        })
     }
 
     /// Agent side: the replicas the server announced last (`None` until it
@@ -536,7 +539,11 @@ impl Shared {
             FrameType::Credentials => {
                 // Bounded: a peer flooding credentials messages loses them,
                 // never grows our memory.
-                if self.credentials_tx.try_send(frame.payload).is_err() {
+                let mut queue = self.credentials.lock().unwrap_or_else(|p| p.into_inner());
+                if queue.len() < CREDENTIALS_QUEUE {
+                    queue.push_back(frame.payload);
+                    self.credentials_ready.notify_one();
+                } else {
                     warn!(session = %self.cfg.label, "credentials message dropped: too many pending");
                 }
             }
@@ -738,6 +745,41 @@ async fn read_loop<S>(
             Some(Ok(Message::Close(_))) => return shared.close("peer closed the tunnel"),
             // WebSocket-level pings are answered by tungstenite itself.
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => shared.touch(),
+        }
+    }
+}
+
+/// The credentials messages a session receives, in order.
+pub struct CredentialsReceiver {
+    shared: Arc<Shared>,
+}
+
+impl CredentialsReceiver {
+    /// The next message if one is waiting.
+    pub fn try_recv(&mut self) -> Option<Bytes> {
+        self.shared
+            .credentials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop_front()
+    }
+
+    /// The next message; `None` once the session has closed.
+    pub async fn recv(&mut self) -> Option<Bytes> {
+        loop {
+            let next = self.try_recv();
+            if next.is_some() {
+                return next;
+            }
+            if self.shared.closed.is_cancelled() {
+                return None;
+            }
+            // notify_one keeps a permit when nobody waits: a message queued
+            // between the check above and this wait is not missed.
+            tokio::select! {
+                _ = self.shared.credentials_ready.notified() => {}
+                _ = self.shared.closed.cancelled() => {}
+            }
         }
     }
 }

@@ -147,11 +147,6 @@ pub(super) async fn connect(
         config.keepalive_interval = state.args.keepalive_interval;
         config.keepalive_timeout = state.args.keepalive_timeout;
         let (session, _) = Session::start(socket, config);
-        tokio::spawn(super::signing::serve(
-            state.clone(),
-            cluster_id.clone(),
-            session.clone(),
-        ));
         let generation = state.tunnels.next_generation();
         let reported_version = agent_version.clone();
         info!(cluster = %cluster_id, %remote, protocol = version.as_str(),
@@ -191,7 +186,14 @@ pub(super) async fn connect(
             certificate_not_after: certificate.map(|c| c.not_after),
             token_sha256_prefix: hex::encode(&token_sha256[..6]),
         });
-        session.closed().await;
+        // Certificate requests are answered in this task, the one that
+        // waits for the session's end: no second task idles per agent.
+        tokio::select! {
+            _ = session.closed() => {}
+            _ = super::signing::serve(state.clone(), cluster_id.clone(), session.clone()) => {
+                session.closed().await;
+            }
+        }
         if state.tunnels.remove_if_current(&cluster_id, generation) {
             info!(cluster = %cluster_id, reason = session.close_reason().unwrap_or_default(),
                 "agent disconnected");

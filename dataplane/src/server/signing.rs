@@ -165,7 +165,9 @@ pub(super) async fn serve(state: Arc<ServerState>, cluster: String, session: Ses
                     }
                 } else {
                     last_request = Some(Instant::now());
-                    renew(&state, &cluster, &csr).await
+                    // Boxed: signing's state (API calls) is large, and this
+                    // task idles beside every session until a request comes.
+                    Box::pin(renew(&state, &cluster, &csr)).await
                 }
             }
             Ok(other) => {
