@@ -18,7 +18,6 @@ use sha2::{Digest, Sha256};
 use support::procs::{Proc, agent_flags, free_ports, log_file, signal, wait_agents};
 use support::{Pki, TestClient, WAIT, cluster_json};
 use tether::fake_apiserver::FakeApiServer;
-use tether::tls::ServerTlsFiles;
 use tokio::net::TcpListener;
 
 const DEV_TOKEN: &str = "dev-agent-token-5e1f";
@@ -63,18 +62,12 @@ struct Cluster {
 impl Cluster {
     async fn start() -> Self {
         let pki = Pki::new();
-        std::fs::write(pki.path("sa-token"), SA_TOKEN).expect("sa token");
-        let backend = FakeApiServer::start(
-            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-            Some(ServerTlsFiles {
-                cert: pki.path("apiserver.crt"),
-                key: pki.path("apiserver.key"),
-                client_ca: None,
-            }),
-            pki.path("sa-token"),
-        )
-        .await
-        .expect("backend");
+        let backend = pki
+            .apiserver(
+                TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                SA_TOKEN,
+            )
+            .await;
         let target = backend.addr.to_string();
         std::fs::write(
             pki.path("clusters.json"),

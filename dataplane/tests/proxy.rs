@@ -552,11 +552,11 @@ async fn a_tls_intercepting_proxy_is_named() {
         assert!(started.elapsed() < WAIT, "{text}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let metrics = agent.metrics.render();
+    assert!(metrics.contains("agent_proxy_connects_total{result=\"intercepted\"}"));
     assert!(
-        agent
-            .metrics
-            .render()
-            .contains("agent_proxy_connects_total{result=\"intercepted\"}")
+        !metrics.contains("agent_proxy_connects_total{result=\"ok\"}"),
+        "an intercepted connection counts once, as intercepted"
     );
     agent.shutdown().await;
 }

@@ -107,8 +107,9 @@ impl BundleInput {
     fn proxied(&self) -> Option<&AgentProxySpec> {
         let proxy = self.proxy.as_ref()?;
         let (no_proxy, _) = tether::agent::NoProxy::parse(&proxy.no_proxy.join(","));
-        let (host, port) = host_port_of_url(&self.server_url);
-        (!no_proxy.matches(&host, port as u16)).then_some(proxy)
+        let host = crate::settings::url_host(&self.server_url).unwrap_or_default();
+        let port = u16::try_from(port_of_url(&self.server_url)).unwrap_or_default();
+        (!no_proxy.matches(host, port)).then_some(proxy)
     }
 }
 
@@ -305,8 +306,8 @@ fn meta(name: &str, namespace: Option<&str>) -> ObjectMeta {
     }
 }
 
-/// The host and port of a ws(s):// or http(s):// URL.
-fn host_port_of_url(url: &str) -> (String, i32) {
+/// The port of a ws(s):// or http(s):// URL (its host: `url_host`).
+fn port_of_url(url: &str) -> i32 {
     let authority = url
         .split("://")
         .nth(1)
@@ -321,11 +322,8 @@ fn host_port_of_url(url: &str) -> (String, i32) {
     };
     // A colon after the last `]` separates the port (IPv6 hosts are bracketed).
     match authority.rsplit_once(':') {
-        Some((host, port)) if !port.contains(']') => (
-            host.trim_matches(['[', ']']).to_owned(),
-            port.parse().unwrap_or(default),
-        ),
-        _ => (authority.trim_matches(['[', ']']).to_owned(), default),
+        Some((_, port)) if !port.contains(']') => port.parse().unwrap_or(default),
+        _ => default,
     }
 }
 
@@ -552,8 +550,8 @@ fn network_policy(input: &BundleInput) -> NetworkPolicy {
     let server = NetworkPolicyEgressRule {
         // Through a proxy, the agent connects to the proxy alone.
         ports: Some(vec![tcp(match input.proxied() {
-            Some(proxy) => host_port_of_url(&proxy.url).1,
-            None => host_port_of_url(&input.server_url).1,
+            Some(proxy) => port_of_url(&proxy.url),
+            None => port_of_url(&input.server_url),
         })]),
         ..Default::default()
     };

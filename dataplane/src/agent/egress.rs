@@ -681,6 +681,14 @@ mod tests {
         Route::Proxy(HttpProxy::parse(url, args).expect("valid"))
     }
 
+    /// Why a connection to tether.test:8443 through the proxy at `url` failed.
+    async fn failure(url: &str, args: &ProxyArgs) -> EgressError {
+        proxy_route(url, args)
+            .connect("tether.test", 8443)
+            .await
+            .expect_err("the connection fails")
+    }
+
     #[tokio::test]
     async fn a_tunnel_carries_bytes_and_credentials_go_in_connect_only() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -743,8 +751,7 @@ mod tests {
         ];
         for (reply, kind, message) in cases {
             let (port, _head) = fake_proxy(reply).await;
-            let route = proxy_route(&format!("http://127.0.0.1:{port}"), &ProxyArgs::default());
-            let err = route.connect("tether.test", 8443).await.expect_err("fails");
+            let err = failure(&format!("http://127.0.0.1:{port}"), &ProxyArgs::default()).await;
             assert_eq!(err.kind(), kind, "{err}");
             assert!(err.to_string().contains(message), "{err}");
             assert_eq!(
@@ -764,20 +771,14 @@ mod tests {
         };
         let answer = "HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n";
         let (port, _) = fake_proxy(Reply::Answer(answer)).await;
-        let route = proxy_route(&format!("http://127.0.0.1:{port}"), &args);
-        let err = route
-            .connect("tether.test", 8443)
+        let err = failure(&format!("http://127.0.0.1:{port}"), &args)
             .await
-            .expect_err("407")
             .to_string();
         assert!(err.contains("credentials file does not exist"), "{err}");
         std::fs::write(dir.path().join("credentials"), "bob:wrong-password").expect("write");
         let (port, _) = fake_proxy(Reply::Answer(answer)).await;
-        let route = proxy_route(&format!("http://127.0.0.1:{port}"), &args);
-        let err = route
-            .connect("tether.test", 8443)
+        let err = failure(&format!("http://127.0.0.1:{port}"), &args)
             .await
-            .expect_err("407")
             .to_string();
         assert!(err.contains("refused the credentials sent"), "{err}");
         assert!(!err.contains("wrong-password"), "{err}");
@@ -786,11 +787,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_silent_proxy_times_out() {
         let (port, _) = fake_proxy(Reply::Silence).await;
-        let route = proxy_route(&format!("http://127.0.0.1:{port}"), &ProxyArgs::default());
-        let err = route
-            .connect("tether.test", 8443)
-            .await
-            .expect_err("times out");
+        let err = failure(&format!("http://127.0.0.1:{port}"), &ProxyArgs::default()).await;
         assert_eq!(err.kind(), "timeout");
         assert!(
             err.to_string()
@@ -805,14 +802,11 @@ mod tests {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             listener.local_addr().expect("addr").port()
         };
-        let route = proxy_route(
+        let err = failure(
             &format!("http://127.0.0.1:{closed_port}"),
             &ProxyArgs::default(),
-        );
-        let err = route
-            .connect("tether.test", 8443)
-            .await
-            .expect_err("refused");
+        )
+        .await;
         assert_eq!(err.kind(), "unreachable");
         assert!(
             err.to_string().starts_with(&format!(
@@ -823,11 +817,7 @@ mod tests {
 
         // An https:// proxy whose certificate the public roots do not know.
         let (port, _) = fake_proxy(Reply::Greet("HTTP/1.1 400 Bad Request\r\n\r\n")).await;
-        let route = proxy_route(&format!("https://127.0.0.1:{port}"), &ProxyArgs::default());
-        let err = route
-            .connect("tether.test", 8443)
-            .await
-            .expect_err("no TLS");
+        let err = failure(&format!("https://127.0.0.1:{port}"), &ProxyArgs::default()).await;
         assert_eq!(err.kind(), "proxy_tls");
         assert!(err.to_string().contains("--proxy-ca-cert"), "{err}");
     }

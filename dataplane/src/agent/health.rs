@@ -86,7 +86,7 @@ impl AgentMetrics {
         let proxy_connects = IntCounterVec::new(
             Opts::new(
                 "agent_proxy_connects_total",
-                "CONNECT tunnels through the proxy, by result: ok, unreachable, timeout, proxy_tls, closed, auth_required (407), refused, intercepted (tether-server's certificate did not verify through the proxy).",
+                "Connections to tether-server through the proxy, each counted once by how far it got: unreachable, timeout, proxy_tls, closed, auth_required (407), refused (the CONNECT failed); intercepted (tether-server's certificate did not verify through the tunnel); ok.",
             ),
             &["result"],
         )?;

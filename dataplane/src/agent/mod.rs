@@ -302,15 +302,23 @@ impl ServerEndpoint {
         metrics: &AgentMetrics,
     ) -> Result<(websocket::TunnelSocket, Version, websocket::ReplicaInfo), DialError> {
         let proxy = self.route.proxy();
-        let transport = self.route.connect(&self.host, self.port).await;
-        if proxy.is_some() {
-            let result = transport.as_ref().map_or_else(|err| err.kind(), |_| "ok");
-            metrics.proxy_connects.with_label_values(&[result]).inc();
-        }
-        let transport = transport.map_err(|err| DialError::Failed {
-            persistent: err.is_persistent(),
-            message: err.to_string(),
-        })?;
+        // Each dial through a proxy counts once, by how far it got.
+        let count = |result: &str| {
+            if proxy.is_some() {
+                metrics.proxy_connects.with_label_values(&[result]).inc();
+            }
+        };
+        let transport = self
+            .route
+            .connect(&self.host, self.port)
+            .await
+            .map_err(|err| {
+                count(err.kind());
+                DialError::Failed {
+                    persistent: err.is_persistent(),
+                    message: err.to_string(),
+                }
+            })?;
         let io = match &self.tls {
             Some(tls) => {
                 let connector = tls
@@ -318,38 +326,36 @@ impl ServerEndpoint {
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .clone();
-                let stream = tokio::time::timeout(
+                let handshake = tokio::time::timeout(
                     CONNECT_TIMEOUT,
                     connector.connect(tls.name.clone(), transport),
                 )
-                .await
-                .map_err(|_| DialError::failed("TLS handshake timed out".to_owned()))?
-                .map_err(|err| {
-                    let rejected = err
-                        .get_ref()
-                        .and_then(|e| e.downcast_ref::<rustls::Error>())
-                        .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)));
-                    match proxy {
-                        // The usual cause of a certificate that verifies
-                        // directly but not through the proxy.
-                        Some(proxy) if rejected => {
-                            metrics.proxy_connects.with_label_values(&["intercepted"]).inc();
-                            DialError::Failed {
-                                message: format!(
-                                    "tether-server's certificate does not verify through proxy {}: {err}; \
-                                     the proxy may be intercepting TLS: tether needs it to pass {}:{} through untouched \
-                                     (exempt it from TLS inspection)",
-                                    proxy.display, self.host, self.port
-                                ),
-                                persistent: true,
-                            }
-                        }
+                .await;
+                // The usual cause of a certificate that verifies directly
+                // but not through the proxy.
+                let intercepted = proxy.is_some()
+                    && matches!(&handshake, Ok(Err(err)) if certificate_rejected(err));
+                count(if intercepted { "intercepted" } else { "ok" });
+                let stream = handshake
+                    .map_err(|_| DialError::failed("TLS handshake timed out".to_owned()))?
+                    .map_err(|err| match proxy {
+                        Some(proxy) if intercepted => DialError::Failed {
+                            message: format!(
+                                "tether-server's certificate does not verify through proxy {}: {err}; \
+                                 the proxy may be intercepting TLS: tether needs it to pass {}:{} through untouched \
+                                 (exempt it from TLS inspection)",
+                                proxy.display, self.host, self.port
+                            ),
+                            persistent: true,
+                        },
                         _ => DialError::failed(format!("TLS handshake failed: {err}")),
-                    }
-                })?;
+                    })?;
                 Either::Left(stream)
             }
-            None => Either::Right(transport),
+            None => {
+                count("ok");
+                Either::Right(transport)
+            }
         };
         let authority = format!("{}:{}", self.host, self.port);
         tokio::time::timeout(
@@ -363,6 +369,13 @@ impl ServerEndpoint {
             other => DialError::failed(other.to_string()),
         })
     }
+}
+
+/// Whether a TLS handshake failed on the peer's certificate.
+fn certificate_rejected(err: &std::io::Error) -> bool {
+    err.get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .is_some_and(|e| matches!(e, rustls::Error::InvalidCertificate(_)))
 }
 
 #[derive(Debug)]

@@ -155,10 +155,6 @@ impl Upstream {
         self.metrics.upstream_errors.inc();
     }
 
-    async fn bearer(&self) -> Result<HeaderValue, &'static str> {
-        self.sa_token.bearer()
-    }
-
     /// A request of the agent's own to its API server (storing renewed
     /// credentials): the status and the whole body, at most 1 MiB.
     pub(super) async fn call(
@@ -167,7 +163,7 @@ impl Upstream {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<(StatusCode, bytes::Bytes), String> {
-        let bearer = self.bearer().await?;
+        let bearer = self.sa_token.bearer()?;
         let mut request = Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
@@ -198,7 +194,7 @@ impl Upstream {
 
     async fn forward(&self, mut request: Request<Incoming>) -> Response<Body> {
         self.metrics.upstream_requests.inc();
-        let bearer = match self.bearer().await {
+        let bearer = match self.sa_token.bearer() {
             Ok(bearer) => bearer,
             Err(message) => {
                 self.count_error();

@@ -1,5 +1,6 @@
 //! The internal `/tunnel/{cluster}/...` endpoint: carries a caller's
-//! request over a new stream of the cluster's tunnel.
+//! request over a stream of the cluster's tunnel (an idle one kept open
+//! from an earlier request, else a new one).
 
 use std::pin::Pin;
 use std::sync::Arc;

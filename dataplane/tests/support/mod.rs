@@ -58,6 +58,23 @@ impl Pki {
         self.dir.path().join(name)
     }
 
+    /// The kube-apiserver double on `listener`, over TLS with this CA's
+    /// `apiserver` certificate, accepting `sa_token` (written to `sa-token`).
+    pub async fn apiserver(&self, listener: TcpListener, sa_token: &str) -> FakeApiServer {
+        std::fs::write(self.path("sa-token"), sa_token).expect("write sa token");
+        FakeApiServer::start(
+            listener,
+            Some(ServerTlsFiles {
+                cert: self.path("apiserver.crt"),
+                key: self.path("apiserver.key"),
+                client_ca: None,
+            }),
+            self.path("sa-token"),
+        )
+        .await
+        .expect("backend")
+    }
+
     /// Writes `{name}.crt` and `{name}.key`.
     pub fn issue(&self, name: &str, request: &LeafRequest) {
         let issued = self.ca.issue(request).expect("issue");
@@ -118,22 +135,11 @@ impl Env {
     /// `dev-token`) whose target is the backend.
     pub async fn start_with(security: Security, server_extra: &[&str]) -> Self {
         let pki = Pki::new();
-        let sa_token = pki.path("sa-token");
-        std::fs::write(&sa_token, "agent-sa-token-1").expect("write sa token");
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind backend");
-        let backend = FakeApiServer::start(
-            listener,
-            Some(ServerTlsFiles {
-                cert: pki.path("apiserver.crt"),
-                key: pki.path("apiserver.key"),
-                client_ca: None,
-            }),
-            sa_token.clone(),
-        )
-        .await
-        .expect("backend");
+        let backend = pki.apiserver(listener, "agent-sa-token-1").await;
+        let sa_token = pki.path("sa-token");
         let clusters_file = pki.path("clusters.json");
         let target = backend.addr.to_string();
         std::fs::write(

@@ -18,7 +18,6 @@ use super::procs::{Proc, agent_flags};
 use super::{Pki, cluster_json};
 use tether::fake_apiserver::FakeApiServer;
 use tether::pki::LeafRequest;
-use tether::tls::ServerTlsFiles;
 
 pub const AGENT_TOKEN: &str = "netns-agent-token-5e1f";
 pub const SA_TOKEN: &str = "netns-sa-token-c2d4";
@@ -271,20 +270,14 @@ impl World {
             "public",
             &LeafRequest::server("tether-server", &[], &ips, Duration::from_secs(3600)),
         );
-        std::fs::write(pki.path("sa-token"), SA_TOKEN).expect("sa token");
         std::fs::write(pki.path("agent-token"), AGENT_TOKEN).expect("agent token");
         let listener = net.listener(&net.customer, "127.0.0.1:0");
-        let backend = FakeApiServer::start(
-            tokio::net::TcpListener::from_std(listener).expect("listener"),
-            Some(ServerTlsFiles {
-                cert: pki.path("apiserver.crt"),
-                key: pki.path("apiserver.key"),
-                client_ca: None,
-            }),
-            pki.path("sa-token"),
-        )
-        .await
-        .expect("backend");
+        let backend = pki
+            .apiserver(
+                tokio::net::TcpListener::from_std(listener).expect("listener"),
+                SA_TOKEN,
+            )
+            .await;
         std::fs::write(
             pki.path("clusters.json"),
             cluster_json(&[("dev", AGENT_TOKEN, &backend.addr.to_string())]),

@@ -7,7 +7,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tether::fake_apiserver::FakeApiServer;
-use tether::tls::ServerTlsFiles;
 use tokio::net::TcpListener;
 
 use super::{Pki, TestClient, WAIT, cluster_json};
@@ -85,19 +84,12 @@ pub struct World {
 impl World {
     pub async fn new() -> Self {
         let pki = Pki::new();
-        let sa = pki.path("sa-token");
-        std::fs::write(&sa, SA_TOKEN).expect("sa");
-        let backend = FakeApiServer::start(
-            TcpListener::bind("127.0.0.1:0").await.expect("bind"),
-            Some(ServerTlsFiles {
-                cert: pki.path("apiserver.crt"),
-                key: pki.path("apiserver.key"),
-                client_ca: None,
-            }),
-            sa,
-        )
-        .await
-        .expect("backend");
+        let backend = pki
+            .apiserver(
+                TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+                SA_TOKEN,
+            )
+            .await;
         let clusters = pki.path("clusters.json");
         std::fs::write(
             &clusters,
