@@ -2,7 +2,7 @@
 //! it checks the bearer token, answers discovery and `/version` as kubectl
 //! expects, streams chunked watch events, serves and swallows large
 //! bodies, and accepts SPDY/WebSocket upgrades (then echoes bytes). Used by
-//! the tests, `make demo` and the benchmarks; never by production code.
+//! the tests and the benchmarks; never by production code.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -1,14 +1,22 @@
 //! A small stateful Kubernetes API server, in memory, on 127.0.0.1, so the
 //! real `Controller`, `finalizer()` and event `Recorder` run end to end in
-//! tests and benchmarks without a cluster.
+//! tests and benchmarks without a cluster, and `make demo` runs the real
+//! kubectl, operator, server and agent against it.
 //!
 //! It serves any resource path (`/api/v1/...`, `/apis/{group}/{version}/...`)
 //! generically: GET, LIST with label selectors, streaming WATCH from a
 //! resourceVersion, POST, PUT with resourceVersion conflicts (409), PATCH
 //! (JSON, merge, strategic-as-merge, apply-as-merge), DELETE with
 //! finalizers (deletionTimestamp) and owner-reference cascade, and a status
-//! subresource for custom resources. It is not a validating server: it
-//! stores what it is sent.
+//! subresource for custom resources. For kubectl it also answers discovery
+//! and OpenAPI ([`discovery`]), prints Tables ([`table`]), tells a caller
+//! who it is (SelfSubjectReview), and lists `events.k8s.io` Events as core
+//! ones, as kube-apiserver does. Optionally it serves HTTPS and accepts
+//! only known bearer tokens. It is not a validating server: it stores what
+//! it is sent.
+
+pub mod discovery;
+pub mod table;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -18,15 +26,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::{Value, json};
+use tether::http::{Body, BoxError, full};
+use tether::tls::{ReloadingServerConfig, ServerTlsFiles, TlsError};
 use tokio::net::TcpListener;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
-
-type Body = BoxBody<Bytes, Infallible>;
 
 /// Where an object lives.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -50,6 +57,19 @@ struct Change {
 pub struct Call {
     pub method: Method,
     pub path: String,
+    /// Who the bearer token authenticated; `None` without authentication
+    /// or for a refused token.
+    pub user: Option<String>,
+}
+
+/// How the server is reached and who may call it.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// HTTPS with this certificate; plain HTTP without.
+    pub tls: Option<ServerTlsFiles>,
+    /// Bearer tokens and the user each one authenticates. Empty: every
+    /// caller is served (tests); otherwise other callers get 401.
+    pub users: Vec<(String, String)>,
 }
 
 #[derive(Default)]
@@ -66,9 +86,15 @@ struct State {
 
 pub struct FakeApi {
     pub addr: SocketAddr,
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
+}
+
+/// What one request needs besides itself.
+struct Shared {
+    state: Mutex<State>,
     changes: broadcast::Sender<Change>,
     stop: CancellationToken,
+    users: Vec<(String, String)>,
 }
 
 /// A parsed request path.
@@ -119,22 +145,27 @@ fn query_param(query: &str, name: &str) -> Option<String> {
         })
 }
 
-/// Field selectors on `metadata.name` and `metadata.namespace` (equality).
+/// Field selectors (`a.b=c`, `a.b==c`, `a.b!=c`, comma-joined) on any
+/// field; a missing field reads as the empty string, as kube-apiserver's
+/// `spec.nodeName=` does.
 fn matches_fields(object: &Value, selector: &str) -> bool {
-    selector
-        .split(',')
-        .filter(|s| !s.is_empty())
-        .all(|term| match term.split_once('=') {
-            Some((field, value)) => {
-                let value = value.trim_start_matches('=');
-                match field {
-                    "metadata.name" => object["metadata"]["name"].as_str() == Some(value),
-                    "metadata.namespace" => object["metadata"]["namespace"].as_str() == Some(value),
-                    _ => true,
-                }
-            }
-            None => true,
-        })
+    let field = |path: &str| {
+        let value = path.split('.').fold(object, |v, key| &v[key]);
+        match value {
+            Value::String(s) => s.clone(),
+            Value::Null => String::new(),
+            other => other.to_string(),
+        }
+    };
+    selector.split(',').filter(|s| !s.is_empty()).all(|term| {
+        if let Some((path, value)) = term.split_once("!=") {
+            field(path) != value
+        } else if let Some((path, value)) = term.split_once('=') {
+            field(path) == value.trim_start_matches('=')
+        } else {
+            true
+        }
+    })
 }
 
 /// Equality-based label selectors: `a=b,c==d,e!=f,g`.
@@ -152,13 +183,11 @@ fn matches_labels(object: &Value, selector: &str) -> bool {
 }
 
 fn status(code: StatusCode, reason: &str, message: &str) -> Response<Body> {
-    let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": message, "reason": reason, "code": code.as_u16()});
-    respond(code, &body)
+    tether::http::kube_status(code, reason, message)
 }
 
 fn respond(code: StatusCode, value: &Value) -> Response<Body> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+    let mut response = Response::new(full(value.to_string()));
     *response.status_mut() = code;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -172,6 +201,28 @@ fn now() -> String {
         .round(k8s_openapi::jiff::Unit::Second)
         .map(|t| t.to_string())
         .unwrap_or_default()
+}
+
+/// Core Events, and `events.k8s.io` ones: one kind of object, two APIs.
+const CORE_EVENTS: &str = "/api/v1/events";
+const NEW_EVENTS: &str = "/apis/events.k8s.io/v1/events";
+
+/// An `events.k8s.io/v1` Event as the core API shows it (what `kubectl
+/// events` and `kubectl describe` read).
+fn core_event(event: &Value) -> Value {
+    let when = event["eventTime"].clone();
+    let last = event["series"]["lastObservedTime"].clone();
+    json!({
+        "kind": "Event", "apiVersion": "v1", "metadata": event["metadata"],
+        "involvedObject": event["regarding"], "reason": event["reason"],
+        "message": event["note"], "type": event["type"],
+        "source": {"component": event["reportingController"]},
+        "reportingComponent": event["reportingController"],
+        "reportingInstance": event["reportingInstance"],
+        "firstTimestamp": when, "eventTime": when,
+        "lastTimestamp": if last.is_null() { when.clone() } else { last },
+        "count": event["series"]["count"].as_i64().unwrap_or(1),
+    })
 }
 
 /// Custom resources here have a status subresource: writes to the main
@@ -240,42 +291,56 @@ impl State {
 }
 
 impl FakeApi {
+    /// Plain HTTP on a free loopback port, every caller served.
     pub async fn start() -> std::io::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let state = Arc::new(Mutex::new(State::default()));
-        let (changes, _) = broadcast::channel(65536);
+        Self::start_with(listener, Options::default())
+            .await
+            .map_err(std::io::Error::other)
+    }
+
+    /// Serves on `listener` as `options` say.
+    pub async fn start_with(listener: TcpListener, options: Options) -> Result<Self, TlsError> {
+        let addr = listener.local_addr().map_err(|source| TlsError::Read {
+            path: "listener".into(),
+            source,
+        })?;
         let stop = CancellationToken::new();
-        let api = Self {
-            addr,
-            state,
+        let tls = match options.tls {
+            Some(files) => Some(ReloadingServerConfig::load(
+                files,
+                &[b"h2", b"http/1.1"],
+                Duration::from_secs(3600),
+                stop.clone(),
+            )?),
+            None => None,
+        };
+        let (changes, _) = broadcast::channel(65536);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
             changes,
             stop,
-        };
-        let (state, changes, stop) = (api.state.clone(), api.changes.clone(), api.stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok(pair) => pair,
-                        Err(_) => continue,
-                    },
-                };
-                let (state, changes, stop) = (state.clone(), changes.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |request| {
-                        let (state, changes, stop) = (state.clone(), changes.clone(), stop.clone());
-                        async move {
-                            Ok::<_, Infallible>(handle(&state, &changes, &stop, request).await)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
+            users: options.users,
         });
+        let api = Self {
+            addr,
+            shared: shared.clone(),
+        };
+        let serving = shared.clone();
+        let make = move |_conn| {
+            let shared = serving.clone();
+            hyper::service::service_fn(move |request| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(handle(&shared, request).await) }
+            })
+        };
+        tokio::spawn(tether::listen::serve(
+            listener,
+            tls,
+            make,
+            shared.stop.clone(),
+            Duration::from_millis(100),
+        ));
         Ok(api)
     }
 
@@ -288,7 +353,7 @@ impl FakeApi {
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every request so far.
@@ -347,25 +412,43 @@ impl FakeApi {
 
 impl Drop for FakeApi {
     fn drop(&mut self) {
-        self.stop.cancel();
+        self.shared.stop.cancel();
     }
 }
 
-async fn handle(
-    state: &Mutex<State>,
-    changes: &broadcast::Sender<Change>,
-    stop: &CancellationToken,
-    request: Request<Incoming>,
-) -> Response<Body> {
+/// The user a request's bearer token authenticates, when tokens are
+/// checked at all: `Err` for a missing or unknown token.
+fn authenticate(
+    users: &[(String, String)],
+    request: &Request<Incoming>,
+) -> Result<Option<String>, ()> {
+    if users.is_empty() {
+        return Ok(None);
+    }
+    let presented = tether::http::bearer_token(request.headers()).ok_or(())?;
+    users
+        .iter()
+        .find(|(token, _)| token == presented)
+        .map(|(_, user)| Some(user.clone()))
+        .ok_or(())
+}
+
+async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
+    let (state, changes, stop) = (&shared.state, &shared.changes, &shared.stop);
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
-    let content_type = request
-        .headers()
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let header = |name: http::header::HeaderName| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned()
+    };
+    let content_type = header(http::header::CONTENT_TYPE);
+    let as_table = table::wanted(&header(http::header::ACCEPT));
+    let authenticated = authenticate(&shared.users, &request);
     let body = match request.into_body().collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(_) => return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body"),
@@ -374,10 +457,43 @@ async fn handle(
     lock().calls.push(Call {
         method: method.clone(),
         path: path.clone(),
+        user: authenticated.clone().ok().flatten(),
     });
-    let Some(route) = parse_route(&path) else {
-        return status(StatusCode::NOT_FOUND, "NotFound", "no such path");
+    let Ok(user) = authenticated else {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
     };
+    let resources = {
+        let st = lock();
+        discovery::resources(
+            st.objects
+                .iter()
+                .filter(|(k, _)| k.collection == discovery::CRD_COLLECTION)
+                .map(|(_, crd)| crd),
+        )
+    };
+    if method == Method::GET
+        && let Some(document) = discovery::document(&path, &resources)
+    {
+        return respond(StatusCode::OK, &document);
+    }
+    let Some(route) = parse_route(&path) else {
+        return status(
+            StatusCode::NOT_FOUND,
+            "NotFound",
+            "the server could not find the requested resource",
+        );
+    };
+    if route.collection == "/apis/authentication.k8s.io/v1/selfsubjectreviews"
+        && method == Method::POST
+    {
+        let username = user.unwrap_or_else(|| "system:anonymous".to_owned());
+        return respond(
+            StatusCode::CREATED,
+            &json!({"kind": "SelfSubjectReview", "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"creationTimestamp": now()},
+                "status": {"userInfo": {"username": username, "groups": ["system:authenticated"]}}}),
+        );
+    }
     if method != Method::GET {
         let injected = {
             let mut st = lock();
@@ -392,6 +508,22 @@ async fn handle(
             return status(code, "Injected", "fault injected by the test");
         }
     }
+    let served = resources
+        .iter()
+        .find(|r| r.collection() == route.collection);
+    let columns = served.map(|r| r.columns.clone()).unwrap_or_default();
+    // Typed clients (client-go's) decode `EventList`, not a bare `List`.
+    let (list_kind, list_api_version) = served.map_or(("List".to_owned(), "v1".to_owned()), |r| {
+        (format!("{}List", r.kind), r.api_version())
+    });
+    let print = |objects: &[Value], resource_version: u64| {
+        table::of(
+            objects,
+            &columns,
+            &resource_version.to_string(),
+            k8s_openapi::jiff::Timestamp::now(),
+        )
+    };
     let namespace = route.namespace.clone().unwrap_or_default();
     match (method.clone(), &route.name) {
         (Method::GET, None)
@@ -403,20 +535,29 @@ async fn handle(
             let selector = query_param(&query, "labelSelector").unwrap_or_default();
             let fields = query_param(&query, "fieldSelector").unwrap_or_default();
             let st = lock();
+            let in_scope = |k: &Key, o: &Value| {
+                route.namespace.as_ref().is_none_or(|ns| &k.namespace == ns)
+                    && matches_labels(o, &selector)
+                    && matches_fields(o, &fields)
+            };
             let items: Vec<Value> = st
                 .objects
                 .iter()
-                .filter(|(k, o)| {
-                    k.collection == route.collection
-                        && route.namespace.as_ref().is_none_or(|ns| &k.namespace == ns)
-                        && matches_labels(o, &selector)
-                        && matches_fields(o, &fields)
+                .filter_map(|(k, o)| {
+                    let shown = match k.collection.as_str() {
+                        c if c == route.collection => o.clone(),
+                        NEW_EVENTS if route.collection == CORE_EVENTS => core_event(o),
+                        _ => return None,
+                    };
+                    in_scope(k, &shown).then_some(shown)
                 })
-                .map(|(_, o)| o.clone())
                 .collect();
+            if as_table {
+                return respond(StatusCode::OK, &print(&items, st.resource_version));
+            }
             respond(
                 StatusCode::OK,
-                &json!({"kind": "List", "apiVersion": "v1",
+                &json!({"kind": list_kind, "apiVersion": list_api_version,
                 "metadata": {"resourceVersion": st.resource_version.to_string()}, "items": items}),
             )
         }
@@ -426,7 +567,12 @@ async fn handle(
                 namespace,
                 name: name.clone(),
             };
-            match lock().objects.get(&key) {
+            let st = lock();
+            match st.objects.get(&key) {
+                Some(object) if as_table => respond(
+                    StatusCode::OK,
+                    &print(std::slice::from_ref(object), st.resource_version),
+                ),
                 Some(object) => respond(StatusCode::OK, object),
                 None => status(
                     StatusCode::NOT_FOUND,
@@ -466,6 +612,12 @@ async fn handle(
             metadata["generation"] = json!(1);
             if route.namespace.is_some() {
                 metadata["namespace"] = json!(namespace);
+            }
+            if route.collection == discovery::CRD_COLLECTION {
+                // Served at once: there is no controller to establish it.
+                object["status"] = json!({"acceptedNames": object["spec"]["names"], "conditions": [
+                    {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts"},
+                    {"type": "Established", "status": "True", "reason": "InitialNamesAccepted"}]});
             }
             let created = st.commit("ADDED", key, object, changes);
             respond(StatusCode::CREATED, &created)
@@ -626,7 +778,7 @@ fn watch(
             && matches_labels(&c.object, &selector)
             && matches_fields(&c.object, &fields)
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(64);
     let stop = stop.clone();
     tokio::spawn(async move {
         let encode = |c: &Change| {
@@ -706,13 +858,20 @@ mod tests {
 
     #[test]
     fn field_selectors() {
-        let object = json!({"metadata": {"name": "a", "namespace": "n"}});
+        let object = json!({"metadata": {"name": "a", "namespace": "n"},
+            "involvedObject": {"kind": "ProxiedCluster", "name": "a"}});
         assert!(matches_fields(&object, "metadata.name=a"));
         assert!(matches_fields(
             &object,
             "metadata.name=a,metadata.namespace=n"
         ));
         assert!(!matches_fields(&object, "metadata.name=b"));
+        assert!(matches_fields(
+            &object,
+            "involvedObject.kind=ProxiedCluster,involvedObject.name==a"
+        ));
+        assert!(matches_fields(&object, "spec.nodeName="));
+        assert!(!matches_fields(&object, "metadata.name!=a"));
     }
 
     #[test]
