@@ -4,7 +4,10 @@
 rules: security defaults in every pod, the generated CRD, and an agent chart
 that renders the same objects as the operator's bundle."""
 
+import json
 import pathlib
+import re
+import shutil
 import subprocess
 
 import helm_python as helm
@@ -18,7 +21,7 @@ AGENT = ROOT / "charts" / "tether-agent"
 KUBE_VERSION = "1.33.0"
 # Kinds that are not in the Kubernetes schemas: checked elsewhere (the CRD by
 # the operator's own test, ServiceMonitor is Prometheus Operator's).
-NOT_BUILT_IN = {"ServiceMonitor", "ProxiedCluster"}
+NOT_BUILT_IN = {"ServiceMonitor", "PrometheusRule", "ProxiedCluster"}
 
 AGENT_VALUES = {
     "clusterId": "customer-a",
@@ -33,6 +36,9 @@ NON_DEFAULT = {
     "server": {"replicas": 5, "rateLimit": 50, "allowImpersonation": True, "public": {"type": "LoadBalancer"}},
     "ingress": {"enabled": True, "className": "nginx"},
     "serviceMonitor": {"enabled": True},
+    "metrics": {"auth": "none", "allowedNamespaces": ["prometheus", "observability"]},
+    "prometheusRule": {"enabled": True},
+    "grafanaDashboard": {"enabled": True},
     "podDisruptionBudget": {"enabled": False},
     "networkPolicy": {"enabled": False},
     "nodeSelector": {"kubernetes.io/os": "linux"},
@@ -392,3 +398,195 @@ def test_a_server_not_in_no_proxy_goes_through_the_proxy(no_proxy):
 def test_a_proxy_url_with_credentials_is_refused_by_the_values_schema():
     with pytest.raises(Exception):
         render(AGENT, {**AGENT_VALUES, "proxy": {"url": "http://user:pw@proxy:3128"}}, namespace="tether-agent")
+
+
+# Observability: the metrics ports, who may reach and read them, the
+# ServiceMonitor, alerts (promtool) and the dashboard.
+
+METRIC_CONSTRUCTOR = re.compile(
+    r'(HistogramOpts::new|Opts::new|IntGauge::new|IntCounter::new|Gauge::new|Counter::new)\(\s*"([a-z_:]+)"', re.S
+)
+
+
+def metric_constructors():
+    """(constructor, name) of every metric tether's binaries register, read from the source."""
+    found = set()
+    for source in list((ROOT / "dataplane" / "src").rglob("*.rs")) + list((ROOT / "operator" / "src").rglob("*.rs")):
+        found.update(METRIC_CONSTRUCTOR.findall(source.read_text()))
+    return found
+
+
+def exported_metrics():
+    return {name for _, name in metric_constructors()}
+
+
+def documented_metrics():
+    table = (ROOT / "docs" / "metrics.md").read_text()
+    return set(re.findall(r"^\| `([a-z_:]+)` \|", table, re.M))
+
+
+def test_every_exported_metric_is_documented_and_nothing_else():
+    exported = exported_metrics()
+    assert len(exported) > 20
+    assert documented_metrics() == exported
+
+
+PROMQL_WORDS = {
+    "sum", "max", "min", "count", "rate", "increase", "histogram_quantile", "label_replace", "sort",
+    "bottomk", "topk", "time", "vector", "by", "on", "and", "or", "unless", "without", "ignoring",
+    "humanizeDuration",
+}
+
+
+def metric_names_in(expr):
+    """Identifiers of an expression that are not functions, keywords, labels or strings."""
+    without_strings = re.sub(r'"[^"]*"', '""', expr)
+    without_matchers = re.sub(r"\{[^}]*\}", "", without_strings)
+    without_groupings = re.sub(r"\b(by|on|without|ignoring)\s*\([^)]*\)", "", without_matchers)
+    without_ranges = re.sub(r"\[[^\]]*\]", "", without_groupings)
+    words = set(re.findall(r"[a-zA-Z_][a-zA-Z0-9_]*", without_ranges))
+    return {w for w in words if w not in PROMQL_WORDS and "_" in w}
+
+
+def exported_series():
+    """Series names a scrape holds: histograms add _bucket, _sum and _count."""
+    series = exported_metrics()
+    for constructor, name in metric_constructors():
+        if constructor == "HistogramOpts::new":
+            series.update({name + "_bucket", name + "_sum", name + "_count"})
+    return series
+
+
+def rendered_rules(values=None):
+    docs = render(TETHER, {"prometheusRule": {"enabled": True}, **(values or {})})
+    rule = next(d for _, d in docs if d["kind"] == "PrometheusRule")
+    return rule["spec"]
+
+
+def promtool(*args, cwd=None):
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (Debian: prometheus)")
+    return subprocess.run(["promtool", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_alert_rules_fire_and_resolve_on_written_series(tmp_path):
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules()))
+    shutil.copy(ROOT / "charts" / "tests" / "alerts.test.yaml", tmp_path)
+    checked = promtool("check", "rules", "rules.yaml", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    result = promtool("test", "rules", "alerts.test.yaml", cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Every alert of the chart has a test that makes it fire.
+    tested = set(re.findall(r"alertname: (\w+)", (tmp_path / "alerts.test.yaml").read_text()))
+    alerts = {r["alert"] for g in rendered_rules()["groups"] for r in g["rules"]}
+    assert alerts == tested
+
+
+def test_the_alert_test_can_fail(tmp_path):
+    # A rule file where the disconnect alert waits longer than the test
+    # expects: promtool must report it.
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump(rendered_rules({"prometheusRule": {"enabled": True, "agentDisconnectedFor": "30m"}})))
+    shutil.copy(ROOT / "charts" / "tests" / "alerts.test.yaml", tmp_path)
+    result = promtool("test", "rules", "alerts.test.yaml", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "TetherAgentDisconnected" in result.stdout + result.stderr
+
+
+def test_alerts_use_only_exported_metrics():
+    series = exported_series()
+    for group in rendered_rules()["groups"]:
+        for rule in group["rules"]:
+            used = metric_names_in(rule["expr"])
+            assert used and used <= series, (rule["alert"], used - series)
+
+
+def dashboard():
+    docs = render(TETHER, {"grafanaDashboard": {"enabled": True}})
+    config_map = next(d for _, d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "tether-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    return json.loads(config_map["data"]["tether.json"])
+
+
+def dashboard_queries():
+    queries = []
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"].replace("$__rate_interval", "5m").replace("$cluster", ".*")
+            queries.append((panel["title"], expr))
+    return queries
+
+
+def test_every_dashboard_query_is_valid_promql_over_tether_metrics(tmp_path):
+    queries = dashboard_queries()
+    assert len(queries) >= 15
+    series = exported_series()
+    for title, expr in queries:
+        used = metric_names_in(expr)
+        assert used and used <= series, (title, used - series)
+    # promtool parses each expression as a recording rule.
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{i}", "expr": expr} for i, (_, expr) in enumerate(queries)]}]}
+    (tmp_path / "dashboard.yaml").write_text(yaml.safe_dump(rules))
+    checked = promtool("check", "rules", "dashboard.yaml", cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    # ... and would refuse a broken one.
+    (tmp_path / "broken.yaml").write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [{"record": "x:y", "expr": "sum(rate(agents_connected[5m]"}]}]}))
+    assert promtool("check", "rules", "broken.yaml", cwd=tmp_path).returncode != 0
+
+
+def test_the_dashboard_has_a_fleet_row_and_a_per_cluster_row():
+    board = dashboard()
+    rows = [p["title"] for p in board["panels"] if p["type"] == "row"]
+    assert rows == ["Fleet", "Cluster $cluster"]
+    variables = {v["name"] for v in board["templating"]["list"]}
+    assert variables == {"datasource", "cluster"}
+
+
+@pytest.mark.parametrize("auth", ["kubernetes", "none"])
+def test_metrics_ports_services_and_service_monitor_agree(auth):
+    docs = [d for _, d in render(TETHER, {"serviceMonitor": {"enabled": True}, "metrics": {"auth": auth}})]
+    objects = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    monitor = objects[("ServiceMonitor", "tether")]
+    endpoint = monitor["spec"]["endpoints"][0]
+    selected = [d for d in docs if d["kind"] == "Service"
+                and all(d["metadata"]["labels"].get(k) == v for k, v in monitor["spec"]["selector"]["matchLabels"].items())]
+    assert sorted(d["metadata"]["name"] for d in selected) == ["tether-operator-metrics", "tether-server-metrics"]
+    for service in selected:
+        component = service["spec"]["selector"]["app.kubernetes.io/name"]
+        pod = objects[("Deployment", component)]["spec"]["template"]["spec"]["containers"][0]
+        port = next(p for p in pod["ports"] if p["name"] == "metrics")
+        assert service["spec"]["ports"] == [{"name": "metrics", "port": 8082, "targetPort": "metrics", "protocol": "TCP"}]
+        args = dict(a.split("=", 1) for a in pod["args"] if "=" in a)
+        assert args["--metrics-addr"] == f":{port['containerPort']}"
+        assert args["--metrics-auth"] == auth
+    assert endpoint["port"] == "metrics"
+    if auth == "kubernetes":
+        assert endpoint["scheme"] == "https"
+        assert endpoint["bearerTokenFile"] == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        binding = objects[("ClusterRoleBinding", "tether-metrics-auth")]
+        assert binding["roleRef"]["name"] == "system:auth-delegator"
+        assert {s["name"] for s in binding["subjects"]} == {"tether-operator", "tether-server"}
+    else:
+        assert endpoint["scheme"] == "http"
+        assert ("ClusterRoleBinding", "tether-metrics-auth") not in objects
+    reader = objects[("ClusterRole", "tether-metrics-reader")]
+    assert reader["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+
+
+def test_metrics_ports_admit_the_monitoring_namespaces_only():
+    docs = render(TETHER, {"metrics": {"allowedNamespaces": ["monitoring", "observability"]}})
+    policies = {d["metadata"]["name"]: d for _, d in docs if d["kind"] == "NetworkPolicy"}
+    servers = server_pod_labels(docs)
+    operator = {"app.kubernetes.io/name": "tether-operator", "app.kubernetes.io/instance": "tether"}
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    for name, pod in [("tether-server", servers), ("tether-operator", operator)]:
+        policy = policies[name]
+        assert selects_server(policy, pod)
+        assert admitted(policy, 8082, "monitoring", prometheus)
+        assert admitted(policy, 8082, "observability", prometheus)
+        assert not admitted(policy, 8082, "argocd", {})
+        assert not admitted(policy, 8082, "default", prometheus)
+        assert admitted(policy, 8081, "anywhere", {})
+    # The operator listens on nothing else.
+    assert not admitted(policies["tether-operator"], 8080, "argocd", {})
+    assert not admitted(policies["tether-operator"], 8443, "anywhere", {})

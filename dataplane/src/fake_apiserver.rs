@@ -41,6 +41,8 @@ struct State {
     /// test rotating the agent's token file rotates the backend's too.
     token_file: PathBuf,
     seen: Mutex<Vec<SeenRequest>>,
+    /// Tokens TokenReviews authenticate: (token, user, may get /metrics).
+    reviewed: Mutex<Vec<(String, String, bool)>>,
 }
 
 pub struct FakeApiServer {
@@ -73,6 +75,7 @@ impl FakeApiServer {
         let state = Arc::new(State {
             token_file,
             seen: Mutex::new(Vec::new()),
+            reviewed: Mutex::new(Vec::new()),
         });
         let service_state = state.clone();
         let make = move |_conn| {
@@ -104,6 +107,46 @@ impl FakeApiServer {
     pub fn stop(&self) {
         self.stop.cancel();
     }
+
+    /// From now on a TokenReview of `token` authenticates `user`, and a
+    /// SubjectAccessReview lets that user `get /metrics` when `may_read`.
+    pub fn review_token(&self, token: &str, user: &str, may_read: bool) {
+        if let Ok(mut reviewed) = self.state.reviewed.lock() {
+            reviewed.push((token.to_owned(), user.to_owned(), may_read));
+        }
+    }
+}
+
+/// TokenReview and SubjectAccessReview, for callers of a metrics port.
+async fn review(state: &State, path: &str, request: Request<Incoming>) -> Response<Body> {
+    let body = match request.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return kube_status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body"),
+    };
+    let Ok(mut object) = serde_json::from_slice::<serde_json::Value>(&body) else {
+        return kube_status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
+    };
+    let reviewed = state.reviewed.lock().map(|r| r.clone()).unwrap_or_default();
+    object["status"] = if path.ends_with("/tokenreviews") {
+        let token = object["spec"]["token"].as_str().unwrap_or_default();
+        match reviewed.iter().find(|(t, _, _)| t == token) {
+            Some((_, user, _)) => json!({"authenticated": true,
+                "user": {"username": user, "groups": ["system:authenticated"]}}),
+            None => json!({"authenticated": false}),
+        }
+    } else {
+        let spec = &object["spec"];
+        let asks_metrics =
+            spec["nonResourceAttributes"] == json!({"path": "/metrics", "verb": "get"});
+        let allowed = asks_metrics
+            && reviewed
+                .iter()
+                .any(|(_, user, may_read)| *may_read && spec["user"] == user.as_str());
+        json!({"allowed": allowed})
+    };
+    let mut response = json_response(object);
+    *response.status_mut() = StatusCode::CREATED;
+    response
 }
 
 impl Drop for FakeApiServer {
@@ -152,6 +195,15 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
     }
     let path = request.uri().path().to_owned();
     let query = request.uri().query().unwrap_or("").to_owned();
+    if request.method() == Method::POST
+        && matches!(
+            path.as_str(),
+            "/apis/authentication.k8s.io/v1/tokenreviews"
+                | "/apis/authorization.k8s.io/v1/subjectaccessreviews"
+        )
+    {
+        return review(state, &path, request).await;
+    }
     let pod = pod_path(&path);
     if let Some(protocol) = upgrade_protocol(request.headers()) {
         let offers_v5 = header_has_token(

@@ -14,6 +14,26 @@ pub fn full(bytes: impl Into<Bytes>) -> Body {
         .boxed()
 }
 
+/// `body`, adding the length of each data frame to `counter` as it passes
+/// (bytes through a tunnel, counted without buffering).
+pub fn counted<B>(
+    body: B,
+    counter: prometheus::IntCounter,
+) -> http_body_util::combinators::MapFrame<
+    B,
+    impl FnMut(hyper::body::Frame<Bytes>) -> hyper::body::Frame<Bytes>,
+>
+where
+    B: hyper::body::Body<Data = Bytes>,
+{
+    body.map_frame(move |frame| {
+        if let Some(data) = frame.data_ref() {
+            counter.inc_by(data.len() as u64);
+        }
+        frame
+    })
+}
+
 pub fn empty() -> Body {
     Empty::new().map_err(|never| match never {}).boxed()
 }

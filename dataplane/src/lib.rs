@@ -11,6 +11,7 @@ pub mod harness;
 pub mod http;
 pub mod listen;
 pub mod logging;
+pub mod metrics_port;
 pub mod mux;
 pub mod pki;
 pub mod protocol;

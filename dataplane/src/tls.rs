@@ -181,6 +181,13 @@ impl ReloadingServerConfig {
         Ok(this)
     }
 
+    /// A config that never changes (a certificate made in memory).
+    pub fn fixed(config: ServerConfig) -> Self {
+        Self {
+            current: Arc::new(RwLock::new(Arc::new(config))),
+        }
+    }
+
     pub fn current(&self) -> Arc<ServerConfig> {
         self.current
             .read()

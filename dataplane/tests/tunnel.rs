@@ -901,16 +901,23 @@ async fn sequential_requests_reuse_one_stream() {
     let _agent = env.connected_agent().await;
     let client = env.argocd();
     let url = format!("{}/tunnel/dev/api/v1/namespaces", env.internal_url());
+    let mut received = 0;
     for _ in 0..20 {
-        assert_eq!(client.get(&url).await.status, StatusCode::OK);
+        let answer = client.get(&url).await;
+        assert_eq!(answer.status, StatusCode::OK);
+        received += answer.text().len();
     }
     let metrics = client
         .get(&format!("{}/metrics", env.internal_url()))
         .await
         .text();
+    // Bytes each way are counted as they stream.
+    let received = format!("proxy_response_bytes_total{{cluster=\"dev\"}} {received}");
     for expected in [
         "tunnel_active_connections{cluster=\"dev\"} 1",
         "tunnel_idle_connections{cluster=\"dev\"} 1",
+        "proxy_request_bytes_total{cluster=\"dev\"} 0",
+        received.as_str(),
     ] {
         assert!(
             metrics.lines().any(|l| l == expected),

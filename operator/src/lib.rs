@@ -11,6 +11,7 @@ pub mod fake_api;
 #[doc(hidden)]
 pub mod harness;
 pub mod leader;
+pub mod metrics;
 pub mod objects;
 pub mod pki;
 pub mod reconcile;
@@ -70,6 +71,22 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     serve_health(settings.health_addr, ready.clone(), stop.clone()).await?;
+    let metrics = Arc::new(metrics::OperatorMetrics::new()?);
+    let proxied = Api::<ProxiedCluster>::all(client.clone());
+    let owned = Api::<Secret>::all(client.clone());
+    let controller = Controller::new(proxied, watcher::Config::default()).owns(
+        owned,
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=tether-operator"),
+    );
+    // Served from the start: a standby replica reports leader 0.
+    let (rendered, store) = (metrics.clone(), controller.store());
+    tether::metrics_port::serve(
+        &settings.metrics,
+        Arc::new(move || rendered.render(&store)),
+        Some(client.clone()),
+        stop.clone(),
+    )
+    .await?;
     let identity = settings
         .identity
         .clone()
@@ -90,14 +107,9 @@ pub async fn run(
             _ = elector.acquire() => {}
         }
     }
+    metrics.leader.set(1);
     let pki = pki::ensure_global(&client, &settings).await?;
     ready.store(true, Ordering::Relaxed);
-    let proxied = Api::<ProxiedCluster>::all(client.clone());
-    let owned = Api::<Secret>::all(client.clone());
-    let controller = Controller::new(proxied, watcher::Config::default()).owns(
-        owned,
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=tether-operator"),
-    );
     let reporter = Reporter {
         controller: "tether-operator".into(),
         instance: Some(identity),
@@ -131,15 +143,40 @@ pub async fn run(
             warn!(error = %err, "certificate signing error");
         }
     });
+    let timed = metrics.clone();
+    let timed_reconcile = move |pc, ctx| {
+        let metrics = timed.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let outcome = reconcile::reconcile(pc, ctx).await;
+            metrics.reconciled(started, &outcome);
+            outcome
+        }
+    };
     let controller = controller
         .graceful_shutdown_on(async move { graceful.cancelled().await })
-        .run(reconcile::reconcile, reconcile::error_policy, ctx)
-        .for_each(|result| async move {
-            match result {
-                Ok((object, _)) => {
-                    info!(object = %object.name, namespace = ?object.namespace, "reconciled")
+        .run(timed_reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| {
+            let metrics = metrics.clone();
+            async move {
+                use kube::runtime::controller::Error as ControllerError;
+                match result {
+                    Ok((object, _)) => {
+                        info!(object = %object.name, namespace = ?object.namespace, "reconciled")
+                    }
+                    // Counted by the timing wrapper.
+                    Err(ControllerError::ReconcilerFailed(err, _)) => {
+                        warn!(error = %err, "reconcile error")
+                    }
+                    Err(err) => {
+                        metrics.controller_error(match &err {
+                            ControllerError::QueueError(_) => "watch",
+                            ControllerError::ObjectNotFound(_) => "object_not_found",
+                            _ => "runner",
+                        });
+                        warn!(error = %err, "controller error")
+                    }
                 }
-                Err(err) => warn!(error = %err, "reconcile error"),
             }
         });
     let controller = async move {

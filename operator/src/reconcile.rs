@@ -61,6 +61,21 @@ pub enum Error {
     Sign(#[from] tether::pki::PkiError),
 }
 
+impl Error {
+    /// A bounded label for metrics (controller-rs's pattern): the kind,
+    /// never the message.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Pki(_) => "pki",
+            Error::Bundle(_) => "bundle",
+            Error::Finalizer(_) => "finalizer",
+            Error::MissingObjectKey(_) => "missing_key",
+            Error::Sign(_) => "signing",
+        }
+    }
+}
+
 /// Shared by every reconcile.
 pub struct Context {
     pub client: Client,

@@ -96,6 +96,8 @@ pub struct Settings {
     /// `/healthz` and `/readyz` for the kubelet's probes.
     #[arg(long, env = "HEALTH_ADDR", default_value = ":8081", value_parser = tether::server::parse_listen_addr)]
     pub health_addr: std::net::SocketAddr,
+    #[command(flatten)]
+    pub metrics: tether::metrics_port::MetricsArgs,
 }
 
 impl Settings {

@@ -81,6 +81,11 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
     settings.health_addr = "127.0.0.1:0".parse().expect("addr");
     settings.leader_election = false;
     settings.public_url = Some("wss://localhost:1".into());
+    let operator_metrics = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port");
+    settings.metrics.metrics_addr = Some(operator_metrics);
+    settings.metrics.metrics_auth = tether::metrics_port::MetricsAuth::None;
     let stop = CancellationToken::new();
     let operator = tokio::spawn(tether_operator::run(client.clone(), settings, stop.clone()));
     let secrets: Api<Secret> = Api::namespaced(client.clone(), "tether-system");
@@ -108,6 +113,10 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
             "tether-system/tether-clusters",
             "--replica-name",
             "server-0",
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--metrics-auth",
+            "none",
             "--tls-cert",
             &write(
                 dir.path(),
@@ -196,6 +205,10 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
         "127.0.0.1:0",
         "--max-retry",
         "1s",
+        "--metrics-addr",
+        "127.0.0.1:0",
+        "--metrics-auth",
+        "none",
     ]))
     .await
     .expect("agent");
@@ -236,6 +249,40 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
         Some("True"),
         "the server's write did not clobber the operator's conditions"
     );
+
+    // Each binary's metrics port says what an operator of the system needs.
+    let scrape = async |addr: std::net::SocketAddr| {
+        let output = tokio::process::Command::new("curl")
+            .args(["-sf", &format!("http://{addr}/metrics")])
+            .output()
+            .await
+            .expect("curl runs");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let (operator_text, _) = within(FIVE_SECONDS, "operator metrics", async || {
+        let text = scrape(operator_metrics).await;
+        text.contains(
+            r#"tether_operator_agent_connected{cluster="acme",name="acme",namespace="tenants"} 1"#,
+        )
+        .then_some(text)
+    })
+    .await;
+    for line in [
+        "tether_operator_leader 1",
+        r#"tether_operator_proxied_clusters{condition="Ready",status="True"} 1"#,
+        r#"tether_operator_reconciliations_total{result="ok"}"#,
+        "tether_operator_reconcile_duration_seconds_bucket",
+        r#"tether_operator_agent_certificate_expiry_timestamp_seconds{cluster="acme",name="acme",namespace="tenants"}"#,
+    ] {
+        assert!(
+            operator_text.contains(line),
+            "{line} missing in:\n{operator_text}"
+        );
+    }
+    let server_text = scrape(server.metrics_addr.expect("server metrics port")).await;
+    assert!(server_text.contains("agents_connected 1"), "{server_text}");
+    let agent_text = scrape(agent.metrics_addr.expect("agent metrics port")).await;
+    assert!(agent_text.contains("agent_connected 1"), "{agent_text}");
 
     // ArgoCD's view: its client certificate through the internal port.
     let argocd_tls = secrets

@@ -49,3 +49,17 @@ affinity: {{- toYaml . | nindent 2 }}
 imagePullSecrets: {{- toYaml . | nindent 2 }}
 {{- end }}
 {{- end }}
+
+{{/* The NetworkPolicy rule that admits scrapers to the metrics port. */}}
+{{- define "tether.metricsIngress" -}}
+{{- if .Values.metrics.allowedNamespaces }}
+- from:
+    {{- range .Values.metrics.allowedNamespaces }}
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ . }}
+    {{- end }}
+  ports:
+    - {port: {{ .Values.metrics.port }}, protocol: TCP}
+{{- end }}
+{{- end }}

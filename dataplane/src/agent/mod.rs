@@ -137,6 +137,8 @@ pub struct AgentArgs {
     pub protocol: String,
     #[command(flatten)]
     pub proxy: ProxyArgs,
+    #[command(flatten)]
+    pub metrics_port: crate::metrics_port::MetricsArgs,
 }
 
 impl AgentArgs {
@@ -195,6 +197,8 @@ pub enum AgentError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    MetricsPort(#[from] crate::metrics_port::MetricsPortError),
     #[error("client certificate: {0}")]
     Certificate(String),
     #[error("{0}")]
@@ -426,6 +430,8 @@ fn backoff(attempt: u32, cap: Duration) -> Duration {
 /// A running agent.
 pub struct Agent {
     pub health_addr: SocketAddr,
+    /// The metrics port, when `--metrics-addr` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub metrics: Arc<AgentMetrics>,
     args: AgentArgs,
     stop: CancellationToken,
@@ -443,6 +449,15 @@ impl Agent {
         let upstream = Arc::new(upstream::Upstream::new(&args, metrics.clone())?);
         let stop = CancellationToken::new();
         let health_addr = health::serve(args.health_addr, metrics.clone(), stop.clone()).await?;
+        let rendered = metrics.clone();
+        let metrics_addr = crate::metrics_port::serve(
+            &args.metrics_port,
+            Arc::new(move || rendered.render()),
+            None,
+            stop.clone(),
+        )
+        .await?
+        .map(|port| port.addr);
         let (credentials_tx, messages) = tokio::sync::mpsc::channel(8);
         let (sessions_tx, sessions) = tokio::sync::watch::channel(Vec::new());
         let credentials = Arc::new(store::Credentials::new());
@@ -463,6 +478,7 @@ impl Agent {
         ));
         Ok(Self {
             health_addr,
+            metrics_addr,
             metrics,
             args,
             stop,

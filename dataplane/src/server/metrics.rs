@@ -16,6 +16,10 @@ pub struct ServerMetrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub duration: HistogramVec,
+    /// Request body bytes sent into tunnels, by cluster.
+    pub request_bytes: IntCounterVec,
+    /// Response body bytes received from tunnels, by cluster.
+    pub response_bytes: IntCounterVec,
     pub active_streams: IntGaugeVec,
     idle_streams: IntGaugeVec,
     pub buffered_bytes: IntGaugeVec,
@@ -44,6 +48,20 @@ impl ServerMetrics {
             HistogramOpts::new(
                 "proxy_request_duration_seconds",
                 "Time until the response headers of a proxied request arrived.",
+            ),
+            &["cluster"],
+        )?;
+        let request_bytes = IntCounterVec::new(
+            Opts::new(
+                "proxy_request_bytes_total",
+                "Request body bytes sent through each cluster's tunnel (upgraded connections not included).",
+            ),
+            &["cluster"],
+        )?;
+        let response_bytes = IntCounterVec::new(
+            Opts::new(
+                "proxy_response_bytes_total",
+                "Response body bytes received through each cluster's tunnel (upgraded connections not included).",
             ),
             &["cluster"],
         )?;
@@ -87,6 +105,8 @@ impl ServerMetrics {
         )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(request_bytes.clone()))?;
+        registry.register(Box::new(response_bytes.clone()))?;
         registry.register(Box::new(active_streams.clone()))?;
         registry.register(Box::new(idle_streams.clone()))?;
         registry.register(Box::new(buffered_bytes.clone()))?;
@@ -119,6 +139,8 @@ impl ServerMetrics {
             registry,
             requests,
             duration,
+            request_bytes,
+            response_bytes,
             active_streams,
             idle_streams,
             buffered_bytes,

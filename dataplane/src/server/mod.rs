@@ -155,6 +155,8 @@ pub struct ServerArgs {
     /// How long to wait for tether-operator to sign a renewal.
     #[arg(long, env = "SIGNING_TIMEOUT", default_value = "2m", value_parser = parse_duration)]
     pub signing_timeout: Duration,
+    #[command(flatten)]
+    pub metrics: crate::metrics_port::MetricsArgs,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -170,6 +172,8 @@ pub enum StartError {
     },
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    MetricsPort(#[from] crate::metrics_port::MetricsPortError),
     #[error("Kubernetes client: {0}")]
     Kube(#[from] kube::Error),
     #[error("peers: {0}")]
@@ -275,6 +279,8 @@ pub struct RunningServer {
     pub internal_addr: SocketAddr,
     /// The plain-HTTP probe port, when `--health-addr` is set.
     pub health_addr: Option<SocketAddr>,
+    /// The metrics port, when `--metrics-addr` is set.
+    pub metrics_addr: Option<SocketAddr>,
     state: Arc<ServerState>,
     stop: CancellationToken,
     tasks: JoinSet<()>,
@@ -300,6 +306,7 @@ impl RunningServer {
         args: ServerArgs,
         client: Option<kube::Client>,
     ) -> Result<Self, StartError> {
+        let metrics_client = client.clone();
         let source = ClustersSource::from_args(&args);
         let clusters = source.load()?;
         let stop = CancellationToken::new();
@@ -463,6 +470,15 @@ impl RunningServer {
             }
             None => None,
         };
+        let metrics_state = state.clone();
+        let metrics_addr = crate::metrics_port::serve(
+            &state.args.metrics,
+            Arc::new(move || metrics_state.metrics.render(&metrics_state.tunnels)),
+            metrics_client,
+            stop.clone(),
+        )
+        .await?
+        .map(|port| port.addr);
         if let (Some((secret, client)), Some(reports)) = (kube, reports) {
             tasks.spawn(kubernetes::watch_clusters(
                 client.clone(),
@@ -483,6 +499,7 @@ impl RunningServer {
             public_addr,
             internal_addr,
             health_addr,
+            metrics_addr,
             state,
             stop,
             tasks,

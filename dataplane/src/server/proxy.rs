@@ -90,13 +90,17 @@ pub(super) async fn proxy(
     // A watch or followed log on a replica that is going away ends cleanly
     // at an event boundary when it stops; the client re-establishes it on
     // a replica that stays.
-    let response = if line_stream && response.status() == StatusCode::OK {
-        let (parts, body) = response.into_parts();
-        let body = crate::http::EndsAtLineAfter::new(body, state.stopping.clone());
-        Response::from_parts(parts, body.boxed())
+    let (parts, body) = response.into_parts();
+    let body = if line_stream && parts.status == StatusCode::OK {
+        crate::http::EndsAtLineAfter::new(body, state.stopping.clone()).boxed()
     } else {
-        response
+        body
     };
+    let received = state
+        .metrics
+        .response_bytes
+        .with_label_values(&[label.as_str()]);
+    let response = Response::from_parts(parts, crate::http::counted(body, received).boxed());
     state
         .metrics
         .requests
@@ -131,6 +135,7 @@ impl BodyTooLarge {
 fn prepare_outgoing(
     state: &ServerState,
     mut request: Request<Incoming>,
+    label: &str,
 ) -> Result<(forward::Prepared, Request<Body>), BodyTooLarge> {
     let max = state.args.max_body_bytes;
     let declared = request
@@ -145,10 +150,9 @@ fn prepare_outgoing(
     let (mut parts, body) = request.into_parts();
     parts.version = HttpVersion::HTTP_11;
     let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    Ok((
-        prepared,
-        Request::from_parts(parts, Limited::new(body, limit).boxed()),
-    ))
+    let sent = state.metrics.request_bytes.with_label_values(&[label]);
+    let body = Limited::new(crate::http::counted(body, sent), limit).boxed();
+    Ok((prepared, Request::from_parts(parts, body)))
 }
 
 /// What one hop made of a request.
@@ -176,7 +180,7 @@ async fn dispatch(
     forwarded: bool,
     label: &str,
 ) -> Response<Body> {
-    let (prepared, mut outgoing) = match prepare_outgoing(state, request) {
+    let (prepared, mut outgoing) = match prepare_outgoing(state, request, label) {
         Ok(pair) => pair,
         Err(refused) => return refused.response(),
     };
