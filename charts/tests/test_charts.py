@@ -322,6 +322,9 @@ def proxied_bundle(tmp_path_factory):
     return render_bundle(tmp_path_factory.mktemp("proxied"), {"proxy": PROXY})
 
 
+AGENT_METRICS = {"enabled": True, "auth": "kubernetes", "allowedNamespaces": ["monitoring", "observability"]}
+
+
 def test_operator_bundles_are_valid_objects(bundle):
     validate_all([("bundle", d) for d in bundle["agent"] + bundle["server"]])
 
@@ -590,3 +593,46 @@ def test_metrics_ports_admit_the_monitoring_namespaces_only():
     # The operator listens on nothing else.
     assert not admitted(policies["tether-operator"], 8080, "argocd", {})
     assert not admitted(policies["tether-operator"], 8443, "anywhere", {})
+
+
+@pytest.mark.parametrize("auth", ["kubernetes", "none"])
+def test_agent_metrics_are_opt_in_and_chart_and_bundle_agree(tmp_path, auth):
+    """spec.agent.metrics and the agent chart's metrics values give the same
+    flags, port, Service, RBAC and NetworkPolicy rule; without them the agent
+    listens on its health port alone."""
+    settings = {**AGENT_METRICS, "auth": auth}
+    bundle = render_bundle(tmp_path, {"metrics": settings})
+    docs = render(AGENT, {**AGENT_VALUES, "metrics": settings}, namespace="tether-agent")
+    validate_all(docs)
+    validate_all([("bundle", d) for d in bundle["agent"]])
+    chart = {(d["kind"], d["metadata"]["name"]): d for _, d in docs}
+    ours = {(d["kind"], d["metadata"]["name"]): d for d in bundle["agent"]}
+    assert set(ours) - {("Namespace", "tether-agent"), ("Secret", "tether-agent")} == {k for k in chart if k[0] != "Secret"}
+    container = lambda objects: objects[("Deployment", "tether-agent")]["spec"]["template"]["spec"]["containers"][0]
+    assert sorted(container(chart)["args"]) == sorted(container(ours)["args"])
+    assert f"--metrics-auth={auth}" in container(chart)["args"]
+    assert container(chart)["ports"] == container(ours)["ports"]
+    for key in [("Service", "tether-agent-metrics"), ("NetworkPolicy", "tether-agent")]:
+        assert chart[key]["spec"] == ours[key]["spec"], key
+    policy = chart[("NetworkPolicy", "tether-agent")]
+    agent_pod = chart[("Deployment", "tether-agent")]["spec"]["template"]["metadata"]["labels"]
+    assert selects_server(policy, agent_pod)
+    assert admitted(policy, 8082, "monitoring", {}, policy_namespace="tether-agent")
+    assert admitted(policy, 8082, "observability", {}, policy_namespace="tether-agent")
+    assert not admitted(policy, 8082, "default", {}, policy_namespace="tether-agent")
+    assert not admitted(policy, 8082, "tether-agent", {}, policy_namespace="tether-agent")
+    delegation = ("ClusterRoleBinding", "tether-agent-metrics-auth")
+    if auth == "kubernetes":
+        for field in ["roleRef", "subjects"]:
+            assert chart[delegation][field] == ours[delegation][field], field
+        assert ours[delegation]["roleRef"]["name"] == "system:auth-delegator"
+        reader = ours[("ClusterRole", "tether-agent-metrics-reader")]
+        assert reader["rules"] == [{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}]
+    else:
+        assert delegation not in ours and delegation not in chart
+
+
+def test_without_metrics_the_agent_admits_its_health_port_alone(bundle):
+    policy = next(d for d in bundle["agent"] if d["kind"] == "NetworkPolicy")
+    assert [r["ports"] for r in policy["spec"]["ingress"]] == [[{"port": 8081, "protocol": "TCP"}]]
+    assert not any(d["kind"] == "Service" for d in bundle["agent"])

@@ -9,11 +9,11 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
     HTTPGetAction, Namespace, ObjectFieldSelector, PodSecurityContext, PodSpec, PodTemplateSpec,
     Probe, ResourceRequirements, SeccompProfile, Secret, SecretVolumeSource, SecurityContext,
-    ServiceAccount, Volume, VolumeMount,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::networking::v1::{
-    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPort,
-    NetworkPolicySpec,
+    NetworkPolicy, NetworkPolicyEgressRule, NetworkPolicyIngressRule, NetworkPolicyPeer,
+    NetworkPolicyPort, NetworkPolicySpec,
 };
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tether::pki::Issued;
 
-use crate::crd::{AgentProxySpec, ProxiedCluster};
+use crate::crd::{AgentMetricsSpec, AgentProxySpec, ProxiedCluster};
 
 /// Name of every object the bundle creates in the customer cluster.
 pub const AGENT_NAME: &str = "tether-agent";
@@ -41,6 +41,15 @@ const PROXY_CA_MOUNT: &str = "/etc/tether-proxy-ca";
 /// Where the customer's proxy credentials Secret is mounted, and its key.
 const PROXY_CREDENTIALS_MOUNT: &str = "/etc/tether-proxy";
 pub const PROXY_CREDENTIALS_KEY: &str = "credentials";
+/// The opt-in metrics port, as in the management chart.
+const METRICS_PORT: i32 = 8082;
+/// Its Service, the ClusterRole a customer binds to their scraper, and the
+/// binding that lets the agent review scrapers' tokens.
+const METRICS_NAME: &str = "tether-agent-metrics";
+const METRICS_READER: &str = "tether-agent-metrics-reader";
+const METRICS_AUTH_BINDING: &str = "tether-agent-metrics-auth";
+/// The label every namespace carries with its own name.
+const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
 
 /// Everything a bundle is made from. Same input, same bytes.
 #[derive(Debug, Clone)]
@@ -62,6 +71,8 @@ pub struct BundleInput {
     pub server_ca_pem: String,
     /// The customer's HTTP proxy towards tether-server.
     pub proxy: Option<AgentProxySpec>,
+    /// The agent's metrics port, when the customer asked for one.
+    pub metrics: Option<AgentMetricsSpec>,
 }
 
 impl BundleInput {
@@ -99,6 +110,7 @@ impl BundleInput {
             client_key_pem: client.key_pem.clone(),
             server_ca_pem: server_ca_pem.to_owned(),
             proxy: pc.spec.agent.proxy.clone(),
+            metrics: pc.spec.agent.metrics.clone().filter(|m| m.enabled),
         }
     }
 
@@ -158,8 +170,9 @@ impl BundleInput {
             let kind = value["kind"].as_str().unwrap_or_default().to_owned();
             let name = value["metadata"]["name"].as_str().unwrap_or_default();
             let key = match kind.as_str() {
-                "Role" | "RoleBinding" => continue,
+                "Role" | "RoleBinding" | "Service" => continue,
                 "ConfigMap" if name != PROXY_CA_NAME => continue,
+                "ClusterRole" | "ClusterRoleBinding" if name != AGENT_NAME => continue,
                 _ => kind.clone(),
             };
             documents.insert(key, value);
@@ -227,6 +240,33 @@ impl BundleInput {
                 ),
             }),
         };
+        let metrics = match flag("metrics-auth") {
+            None => None,
+            Some(auth) => Some(AgentMetricsSpec {
+                enabled: true,
+                auth,
+                allowed_namespaces: take::<NetworkPolicy>(&documents, "NetworkPolicy")?
+                    .spec
+                    .and_then(|spec| spec.ingress)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|rule| {
+                        rule.ports
+                            .iter()
+                            .flatten()
+                            .any(|p| p.port == Some(IntOrString::Int(METRICS_PORT)))
+                    })
+                    .and_then(|rule| rule.from)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter_map(|peer| {
+                        peer.namespace_selector?
+                            .match_labels?
+                            .remove(NAMESPACE_NAME_LABEL)
+                    })
+                    .collect(),
+            }),
+        };
         Ok(Self {
             cluster_id,
             namespace: take::<Namespace>(&documents, "Namespace")?
@@ -244,6 +284,7 @@ impl BundleInput {
             client_key_pem: field("tls.key")?,
             server_ca_pem: field("ca.crt")?,
             proxy,
+            metrics,
         })
     }
 }
@@ -371,6 +412,22 @@ fn deployment(input: &BundleInput) -> Deployment {
         format!("--target={}", input.target),
         format!("--health-addr=:{HEALTH_PORT}"),
     ];
+    let mut ports = vec![ContainerPort {
+        name: Some("health".into()),
+        container_port: HEALTH_PORT,
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }];
+    if let Some(metrics) = &input.metrics {
+        args.push(format!("--metrics-addr=:{METRICS_PORT}"));
+        args.push(format!("--metrics-auth={}", metrics.auth));
+        ports.push(ContainerPort {
+            name: Some("metrics".into()),
+            container_port: METRICS_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        });
+    }
     let mut volumes = vec![Volume {
         name: "credentials".into(),
         secret: Some(SecretVolumeSource {
@@ -451,12 +508,7 @@ fn deployment(input: &BundleInput) -> Deployment {
             }),
             ..Default::default()
         }]),
-        ports: Some(vec![ContainerPort {
-            name: Some("health".into()),
-            container_port: HEALTH_PORT,
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
+        ports: Some(ports),
         liveness_probe: Some(http_probe("/healthz", 20)),
         readiness_probe: Some(http_probe("/readyz", 10)),
         resources: Some(input.resources.clone().unwrap_or_else(default_resources)),
@@ -569,13 +621,100 @@ fn network_policy(input: &BundleInput) -> NetworkPolicy {
             policy_types: Some(vec!["Ingress".into(), "Egress".into()]),
             // Only probes and metrics reach the agent; tunnel traffic
             // arrives over the connection the agent dialed.
-            ingress: Some(vec![NetworkPolicyIngressRule {
-                ports: Some(vec![tcp(HEALTH_PORT)]),
-                ..Default::default()
-            }]),
+            ingress: Some(
+                std::iter::once(NetworkPolicyIngressRule {
+                    ports: Some(vec![tcp(HEALTH_PORT)]),
+                    ..Default::default()
+                })
+                .chain(input.metrics.as_ref().and_then(metrics_ingress))
+                .collect(),
+            ),
             egress: Some(vec![dns, server, api]),
         }),
     }
+}
+
+/// The metrics port admits the namespaces the customer named, and only
+/// them. None named: no rule (an empty `from` would admit everyone).
+fn metrics_ingress(metrics: &AgentMetricsSpec) -> Option<NetworkPolicyIngressRule> {
+    if metrics.allowed_namespaces.is_empty() {
+        return None;
+    }
+    let peers = metrics
+        .allowed_namespaces
+        .iter()
+        .map(|namespace| NetworkPolicyPeer {
+            namespace_selector: Some(LabelSelector {
+                match_labels: Some(BTreeMap::from([(
+                    NAMESPACE_NAME_LABEL.to_owned(),
+                    namespace.clone(),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    Some(NetworkPolicyIngressRule {
+        from: Some(peers),
+        ports: Some(vec![tcp(METRICS_PORT)]),
+    })
+}
+
+/// The Service a customer's ServiceMonitor selects, the ClusterRole to
+/// bind to their scraper, and (token review) the agent's delegation.
+fn metrics_objects(
+    input: &BundleInput,
+    metrics: &AgentMetricsSpec,
+) -> Result<Vec<String>, BundleError> {
+    let mut service_labels = labels();
+    service_labels.insert("tether.dev/metrics".into(), "true".into());
+    let service = Service {
+        metadata: ObjectMeta {
+            labels: Some(service_labels),
+            ..meta(METRICS_NAME, Some(&input.namespace))
+        },
+        spec: Some(ServiceSpec {
+            selector: Some(labels()),
+            ports: Some(vec![ServicePort {
+                name: Some("metrics".into()),
+                port: METRICS_PORT,
+                target_port: Some(IntOrString::String("metrics".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut documents = vec![document("Service", &service)?];
+    if metrics.auth == "kubernetes" {
+        let reader = ClusterRole {
+            metadata: meta(METRICS_READER, None),
+            rules: Some(vec![PolicyRule {
+                non_resource_urls: Some(vec!["/metrics".into()]),
+                verbs: vec!["get".into()],
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        let delegation = ClusterRoleBinding {
+            metadata: meta(METRICS_AUTH_BINDING, None),
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: "system:auth-delegator".into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "ServiceAccount".into(),
+                name: AGENT_NAME.into(),
+                namespace: Some(input.namespace.clone()),
+                ..Default::default()
+            }]),
+        };
+        documents.push(document("ClusterRole", &reader)?);
+        documents.push(document("ClusterRoleBinding", &delegation)?);
+    }
+    Ok(documents)
 }
 
 fn secret(input: &BundleInput) -> Secret {
@@ -711,6 +850,9 @@ pub fn render(input: &BundleInput) -> Result<Bundle, BundleError> {
     }
     documents.push(document("Deployment", &deployment(input))?);
     documents.push(document("NetworkPolicy", &network_policy(input))?);
+    if let Some(metrics) = &input.metrics {
+        documents.extend(metrics_objects(input, metrics)?);
+    }
     let body: String = documents.iter().map(|doc| format!("---\n{doc}")).collect();
     let sha256 = hex::encode(Sha256::digest(body.as_bytes()));
     let header = format!(
@@ -718,7 +860,7 @@ pub fn render(input: &BundleInput) -> Result<Bundle, BundleError> {
          # Apply in the customer cluster: kubectl apply -f <this file>\n\
          # It creates namespace {ns}, a ServiceAccount with a ClusterRole, and\n\
          # tether-agent, which dials out to {server} and listens on nothing\n\
-         # but its health port ({health}).\n\
+         # but its health port ({health}){metrics}.\n\
          # SECRET: contains the agent token and client key. Handle as a secret.\n\
          {proxy}\
          # Images to mirror: {image}\n\
@@ -728,6 +870,14 @@ pub fn render(input: &BundleInput) -> Result<Bundle, BundleError> {
         ns = input.namespace,
         server = input.server_url,
         health = HEALTH_PORT,
+        metrics = match &input.metrics {
+            Some(m) => format!(
+                "\n# and its metrics port ({METRICS_PORT}, auth {}, from namespaces: {})",
+                m.auth,
+                m.allowed_namespaces.join(", ")
+            ),
+            None => String::new(),
+        },
         proxy = proxy_header(input),
         image = input.image,
     );
@@ -757,6 +907,7 @@ mod tests {
             client_key_pem: "-----BEGIN PRIVATE KEY-----\nAA==\n-----END PRIVATE KEY-----\n".into(),
             server_ca_pem: "-----BEGIN CERTIFICATE-----\nAQ==\n-----END CERTIFICATE-----\n".into(),
             proxy: None,
+            metrics: None,
         }
     }
 
@@ -851,9 +1002,91 @@ mod tests {
 
     /// A bundle read back renders to the same bytes: what `bundle export
     /// --proxy` builds on.
+    fn metrics_input(auth: &str) -> BundleInput {
+        BundleInput {
+            metrics: Some(AgentMetricsSpec {
+                enabled: true,
+                auth: auth.into(),
+                allowed_namespaces: vec!["monitoring".into(), "observability".into()],
+            }),
+            ..input()
+        }
+    }
+
+    fn documents(bundle: &Bundle) -> Vec<serde_json::Value> {
+        serde_yaml_ng::Deserializer::from_str(&bundle.yaml)
+            .map(|doc| serde_json::Value::deserialize(doc).expect("yaml"))
+            .collect()
+    }
+
+    #[test]
+    fn metrics_are_opt_in_and_admitted_from_the_named_namespaces_only() {
+        let plain = documents(&render(&input()).expect("renders"));
+        assert!(!plain.iter().any(|d| d["kind"] == "Service"));
+        let bundle = render(&metrics_input("kubernetes")).expect("renders");
+        assert!(
+            bundle
+                .yaml
+                .contains("and its metrics port (8082, auth kubernetes")
+        );
+        let docs = documents(&bundle);
+        let find = |kind: &str, name: &str| {
+            docs.iter()
+                .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("{kind}/{name}"))
+        };
+        let container =
+            &find("Deployment", AGENT_NAME)["spec"]["template"]["spec"]["containers"][0];
+        let args = container["args"].as_array().expect("args");
+        assert!(args.contains(&serde_json::json!("--metrics-addr=:8082")));
+        assert!(args.contains(&serde_json::json!("--metrics-auth=kubernetes")));
+        assert_eq!(container["ports"][1]["name"], "metrics");
+        let ingress = &find("NetworkPolicy", AGENT_NAME)["spec"]["ingress"];
+        assert_eq!(ingress[1]["ports"][0]["port"], 8082);
+        assert_eq!(
+            ingress[1]["from"][1]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"],
+            "observability"
+        );
+        assert_eq!(
+            find("Service", METRICS_NAME)["spec"]["ports"][0]["port"],
+            8082
+        );
+        assert_eq!(
+            find("ClusterRole", METRICS_READER)["rules"][0]["nonResourceURLs"][0],
+            "/metrics"
+        );
+        assert_eq!(
+            find("ClusterRoleBinding", METRICS_AUTH_BINDING)["roleRef"]["name"],
+            "system:auth-delegator"
+        );
+        // Without token review there is nothing to delegate.
+        let open = documents(&render(&metrics_input("none")).expect("renders"));
+        assert!(
+            !open
+                .iter()
+                .any(|d| d["metadata"]["name"] == METRICS_AUTH_BINDING)
+        );
+        // No namespace named: no rule, rather than one admitting everyone.
+        let mut nobody = metrics_input("none");
+        if let Some(m) = nobody.metrics.as_mut() {
+            m.allowed_namespaces.clear();
+        }
+        let docs = documents(&render(&nobody).expect("renders"));
+        let policy = docs
+            .iter()
+            .find(|d| d["kind"] == "NetworkPolicy")
+            .expect("policy");
+        assert_eq!(policy["spec"]["ingress"].as_array().map(Vec::len), Some(1));
+    }
+
     #[test]
     fn a_bundle_reads_back_to_what_rendered_it() {
-        for input in [input(), proxied_input()] {
+        for input in [
+            input(),
+            proxied_input(),
+            metrics_input("kubernetes"),
+            metrics_input("none"),
+        ] {
             let bundle = render(&input).expect("renders");
             let read = BundleInput::from_bundle(&bundle.yaml).expect("reads back");
             assert_eq!(render(&read).expect("renders").yaml, bundle.yaml);

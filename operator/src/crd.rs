@@ -149,6 +149,35 @@ pub struct AgentSpec {
     /// only through one (CONNECT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy: Option<AgentProxySpec>,
+    /// A metrics port for the customer's own Prometheus. Off by default:
+    /// the agent then listens on nothing but its health port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<AgentMetricsSpec>,
+}
+
+/// The agent's `/metrics` port (8082) in the customer cluster.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentMetricsSpec {
+    pub enabled: bool,
+    /// `kubernetes`: HTTPS, the scraper's token reviewed by the customer's
+    /// API server (bind the ClusterRole `tether-agent-metrics-reader` to
+    /// it); `none`: plain HTTP.
+    #[serde(default = "default_metrics_auth")]
+    #[schemars(regex(pattern = r"^(kubernetes|none)$"))]
+    pub auth: String,
+    /// Namespaces whose pods may reach the port (the bundle's NetworkPolicy).
+    #[serde(default = "default_metrics_namespaces")]
+    #[schemars(inner(regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")))]
+    pub allowed_namespaces: Vec<String>,
+}
+
+fn default_metrics_auth() -> String {
+    "kubernetes".into()
+}
+
+fn default_metrics_namespaces() -> Vec<String> {
+    vec!["monitoring".into()]
 }
 
 /// A corporate HTTP proxy between the agent and tether-server. Its
@@ -198,6 +227,7 @@ impl Default for AgentSpec {
             resources: None,
             rules: None,
             proxy: None,
+            metrics: None,
         }
     }
 }

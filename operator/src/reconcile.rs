@@ -258,6 +258,23 @@ pub fn validate_spec(
     if let Some(proxy) = &pc.spec.agent.proxy {
         check_proxy(proxy)?;
     }
+    if let Some(metrics) = &pc.spec.agent.metrics {
+        if !matches!(metrics.auth.as_str(), "kubernetes" | "none") {
+            return Err(format!(
+                "spec.agent.metrics.auth {:?} is neither kubernetes nor none",
+                metrics.auth
+            ));
+        }
+        if let Some(bad) = metrics
+            .allowed_namespaces
+            .iter()
+            .find(|ns| !tether::clusters::is_dns_label(ns))
+        {
+            return Err(format!(
+                "spec.agent.metrics.allowedNamespaces: {bad:?} is not a namespace name"
+            ));
+        }
+    }
     Ok(ValidSpec {
         cluster_id: id,
         agent_cert_lifetime: lifetime,
@@ -1404,6 +1421,14 @@ mod tests {
             (
                 serde_json::json!({"targetAddress": "kubernetes"}),
                 "spec.targetAddress \"kubernetes\" is not host:port",
+            ),
+            (
+                serde_json::json!({"agent": {"metrics": {"enabled": true, "auth": "basic"}}}),
+                "spec.agent.metrics.auth \"basic\" is neither kubernetes nor none",
+            ),
+            (
+                serde_json::json!({"agent": {"metrics": {"enabled": true, "allowedNamespaces": ["Mon"]}}}),
+                "spec.agent.metrics.allowedNamespaces: \"Mon\" is not a namespace name",
             ),
             (
                 serde_json::json!({"publicUrl": "https://x"}),
