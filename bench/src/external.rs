@@ -154,21 +154,20 @@ struct Tunnel {
 }
 
 async fn tunnel(setup: &Setup, tls: bool, nginx: u16) -> Result<Tunnel> {
-    let [public, internal] = free_ports::<2>()?;
+    let [public, internal, metrics] = free_ports::<3>()?;
     let backend = format!("127.0.0.1:{nginx}").parse()?;
-    let server = Process::tether(
-        "tether-server",
-        &setup.server_args(
-            tls,
-            &format!("127.0.0.1:{public}"),
-            &format!("127.0.0.1:{internal}"),
-            backend,
-        )?,
+    let mut server_args = setup.server_args(
+        tls,
+        &format!("127.0.0.1:{public}"),
+        &format!("127.0.0.1:{internal}"),
+        backend,
     )?;
+    server_args.extend(crate::streams::metrics_flags(metrics));
+    let server = Process::tether("tether-server", &server_args)?;
     let agent = Process::tether("tether-agent", &setup.agent_args(tls, public, backend))?;
     let scheme = if tls { "https" } else { "http" };
     let base = format!("{scheme}://localhost:{internal}");
-    crate::streams::wait_ready(&setup.client(tls)?, &base).await?;
+    crate::streams::wait_ready(&setup.client(tls)?, &crate::streams::metrics_url(metrics)).await?;
     Ok(Tunnel {
         _server: server,
         _agent: agent,

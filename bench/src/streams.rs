@@ -65,23 +65,23 @@ pub async fn open_at_once(count: usize) -> Result<Outcome> {
     let backend = Process::from_child(backend);
     let backend_addr: SocketAddr = line.trim().parse().context("backend address")?;
 
-    let [public, internal] = free_ports()?;
-    let server = Process::tether(
-        "tether-server",
-        &setup.server_args(
-            true,
-            &format!("127.0.0.1:{public}"),
-            &format!("127.0.0.1:{internal}"),
-            backend_addr,
-        )?,
+    let [public, internal, metrics] = free_ports()?;
+    let mut server_args = setup.server_args(
+        true,
+        &format!("127.0.0.1:{public}"),
+        &format!("127.0.0.1:{internal}"),
+        backend_addr,
     )?;
+    server_args.extend(metrics_flags(metrics));
+    let server = Process::tether("tether-server", &server_args)?;
     let agent = Process::tether(
         "tether-agent",
         &setup.agent_args(true, public, backend_addr),
     )?;
     let client = setup.client(true)?;
     let base = format!("https://localhost:{internal}");
-    wait_ready(&client, &base).await?;
+    let metrics = metrics_url(metrics);
+    wait_ready(&client, &metrics).await?;
 
     let interval_ms = count.max(1000);
     let url = format!(
@@ -96,7 +96,7 @@ pub async fn open_at_once(count: usize) -> Result<Outcome> {
         .collect();
     let mut peak_open = 0;
     while !watches.iter().all(|w| w.is_finished()) {
-        peak_open = peak_open.max(open_streams(&client, &base).await.unwrap_or(0));
+        peak_open = peak_open.max(open_streams(&client, &metrics).await.unwrap_or(0));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed();
@@ -129,15 +129,27 @@ async fn watch(client: &Client, url: &str) -> Result<()> {
     Ok(())
 }
 
-/// Waits until the agent holds its session (the server's metrics): the
-/// server is ready before any agent connects.
-pub async fn wait_ready(client: &Client, base: &str) -> Result<()> {
+/// tether-server's flags for a metrics port at `port` (plain HTTP: the
+/// benchmark's own scraper).
+pub fn metrics_flags(port: u16) -> [String; 4] {
+    [
+        "--metrics-addr".into(),
+        format!("127.0.0.1:{port}"),
+        "--metrics-auth".into(),
+        "none".into(),
+    ]
+}
+
+pub fn metrics_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}/metrics")
+}
+
+/// Waits until the agent holds its session (the server's metrics at
+/// `metrics`): the server is ready before any agent connects.
+pub async fn wait_ready(client: &Client, metrics: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let connected = match client
-            .send(Method::GET, &format!("{base}/metrics"), &[], Bytes::new())
-            .await
-        {
+        let connected = match client.send(Method::GET, metrics, &[], Bytes::new()).await {
             Ok(response) => {
                 let text = response.into_body().collect().await?.to_bytes();
                 String::from_utf8_lossy(&text)
@@ -154,10 +166,8 @@ pub async fn wait_ready(client: &Client, base: &str) -> Result<()> {
     }
 }
 
-async fn open_streams(client: &Client, base: &str) -> Result<usize> {
-    let response = client
-        .send(Method::GET, &format!("{base}/metrics"), &[], Bytes::new())
-        .await?;
+async fn open_streams(client: &Client, metrics: &str) -> Result<usize> {
+    let response = client.send(Method::GET, metrics, &[], Bytes::new()).await?;
     let text = response.into_body().collect().await?.to_bytes();
     let text = String::from_utf8_lossy(&text);
     Ok(text

@@ -47,6 +47,7 @@ struct Ports {
     public: u16,
     internal: u16,
     health: u16,
+    metrics: u16,
 }
 
 struct Cluster {
@@ -76,17 +77,18 @@ impl Cluster {
         .expect("clusters");
         pki.agent_identity("dev");
         pki.agent_identity("pin");
-        let ports = free_ports(REPLICAS * 3 + 2);
+        let ports = free_ports(REPLICAS * 4 + 2);
         let replicas: Vec<Ports> = ports
-            .chunks(3)
+            .chunks(4)
             .take(REPLICAS)
             .map(|p| Ports {
                 public: p[0],
                 internal: p[1],
                 health: p[2],
+                metrics: p[3],
             })
             .collect();
-        let (lb_public, lb_internal) = (ports[REPLICAS * 3], ports[REPLICAS * 3 + 1]);
+        let (lb_public, lb_internal) = (ports[REPLICAS * 4], ports[REPLICAS * 4 + 1]);
         let haproxy = haproxy(&pki, &replicas, lb_public, lb_internal);
         let mut cluster = Self {
             pki,
@@ -121,6 +123,8 @@ impl Cluster {
             .args(["--addr", &format!("127.0.0.1:{}", ports.public)])
             .args(["--internal-addr", &format!("127.0.0.1:{}", ports.internal)])
             .args(["--health-addr", &format!("127.0.0.1:{}", ports.health)])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", ports.metrics)])
+            .args(["--metrics-auth", "none"])
             .args(["--replica-name", &Self::name(i)])
             .args(["--peers", &peers.join(",")])
             .args(["--peer-sync-interval", "200ms"])
@@ -225,6 +229,10 @@ impl Cluster {
         format!("https://localhost:{}{path}", self.replicas[i].internal)
     }
 
+    fn metrics_url(&self, i: usize) -> String {
+        format!("http://localhost:{}/metrics", self.replicas[i].metrics)
+    }
+
     fn lb_url(&self, path: &str) -> String {
         format!("https://localhost:{}{path}", self.lb_internal)
     }
@@ -233,7 +241,7 @@ impl Cluster {
     async fn wait_sessions(&self, i: usize, count: usize) -> Duration {
         let waited = tokio::time::timeout(
             WAIT - Duration::from_secs(1),
-            wait_agents(&self.argocd(), &self.replica_url(i, "/metrics"), count),
+            wait_agents(&self.argocd(), &self.metrics_url(i), count),
         )
         .await;
         waited
@@ -377,7 +385,7 @@ async fn every_replica_serves_every_cluster() {
         "every request, forwarded or not, carried the agent's token and never the caller's"
     );
     for i in 1..REPLICAS {
-        let metrics = client.get(&cluster.replica_url(i, "/metrics")).await.text();
+        let metrics = client.get(&cluster.metrics_url(i)).await.text();
         assert!(
             metrics.contains("peer_forwarded_requests_total{result=\"ok\"}"),
             "replica {i} forwarded the pinned cluster's requests"

@@ -237,7 +237,7 @@ async fn rogue_agent_floods_are_cut_off_and_other_clusters_unaffected() {
 
     let requests = check_dev_unaffected(&stop, probe, &server, baseline, "the floods").await;
     assert!(requests >= 10, "dev was probed");
-    let metrics = world.client().get(&world.url("/metrics")).await.text();
+    let metrics = world.client().get(&world.metrics_url()).await.text();
     assert!(metrics.contains("agents_connected 1"), "{metrics}");
 }
 
@@ -288,7 +288,7 @@ async fn wrong_token_spray_is_rate_limited_per_source() {
     let client = world.client();
     let connected = Instant::now();
     while !client
-        .get(&world.url("/metrics"))
+        .get(&world.metrics_url())
         .await
         .text()
         .contains("agents_connected 2")
@@ -329,7 +329,7 @@ async fn wrong_token_spray_is_rate_limited_per_source() {
     );
 
     check_dev_unaffected(&stop, probe, &server, baseline, "the spray").await;
-    let metrics = world.client().get(&world.url("/metrics")).await.text();
+    let metrics = world.client().get(&world.metrics_url()).await.text();
     assert!(
         metrics.contains(&format!("auth_rate_limited_total {limited}")),
         "{metrics}"

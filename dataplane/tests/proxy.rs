@@ -205,8 +205,9 @@ async fn wait_for_log(world: &World, needle: &str) -> String {
 
 /// The value of an agent metric line that starts with `prefix`.
 async fn agent_metric(world: &World, prefix: &str) -> f64 {
-    let (_, metrics) = world.agent_health("/metrics").await;
-    metrics
+    world
+        .agent_metrics()
+        .await
         .lines()
         .find_map(|l| l.strip_prefix(prefix))
         .and_then(|v| v.trim().parse().ok())

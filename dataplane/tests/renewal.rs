@@ -114,7 +114,7 @@ impl Renewing {
     }
 
     async fn wait_connected(&self) {
-        wait_agents(&self.argocd(), &self.world.url("/metrics"), 1).await;
+        wait_agents(&self.argocd(), &self.world.metrics_url(), 1).await;
     }
 
     /// As [`Renewing::assert_served`], allowing the agent a moment to
@@ -249,7 +249,7 @@ async fn an_agent_renews_over_the_tunnel_and_outlives_its_first_certificate() {
             "a line of the private key is in a log"
         );
     }
-    let metrics = env.argocd().get(&env.world.url("/metrics")).await.text();
+    let metrics = env.argocd().get(&env.world.metrics_url()).await.text();
     assert!(
         metrics.contains("agent_certificate_requests_total{result=\"signed\"} 1"),
         "{metrics}"
@@ -343,7 +343,7 @@ async fn requests_for_another_identity_or_usage_are_refused_and_counted() {
         matches!(&answer, Message::Refused { reason } if reason.contains("malformed")),
         "{answer:?}"
     );
-    let metrics = env.argocd().get(&env.world.url("/metrics")).await.text();
+    let metrics = env.argocd().get(&env.world.metrics_url()).await.text();
     assert!(
         metrics.contains("agent_certificate_requests_total{result=\"refused\"} 1")
             && metrics.contains("agent_certificate_requests_total{result=\"malformed\"} 2"),
@@ -493,7 +493,7 @@ async fn a_requested_rotation_replaces_the_certificate_and_retires_the_old_one()
     env.assert_served_soon(&url).await;
     let (cert, key) = (env.dir.join(CERT_FILE), env.dir.join(KEY_FILE));
     assert_eq!(env.handshake(AGENT_TOKEN, &cert, &key).await, "accepted");
-    let metrics = env.argocd().get(&env.world.url("/metrics")).await.text();
+    let metrics = env.argocd().get(&env.world.metrics_url()).await.text();
     assert!(
         metrics.contains("agent_certificate_requests_total{result=\"signed\"} 1"),
         "renewed once however often asked: {metrics}"

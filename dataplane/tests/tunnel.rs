@@ -196,11 +196,16 @@ async fn health_endpoints_and_port_separation() {
         StatusCode::OK
     );
     let agent = env.connected_agent().await;
-    let metrics = client.get(&format!("{internal}/metrics")).await;
+    let metrics = client.get(&env.metrics_url()).await;
     assert!(
         metrics.text().contains("agents_connected 1"),
         "{}",
         metrics.text()
+    );
+    // Metrics have their own port: neither tunnel port serves them.
+    assert_eq!(
+        client.get(&format!("{internal}/metrics")).await.status,
+        StatusCode::NOT_FOUND
     );
     for path in ["/tunnel/dev/api", "/metrics", "/readyz"] {
         assert_eq!(
@@ -223,10 +228,18 @@ async fn health_endpoints_and_port_separation() {
         client.get(&format!("{health}/readyz")).await.status,
         StatusCode::OK
     );
-    let agent_metrics = client.get(&format!("{health}/metrics")).await.text();
+    let agent_metrics = format!(
+        "http://{}/metrics",
+        agent.metrics_addr.expect("metrics port")
+    );
+    let agent_metrics = client.get(&agent_metrics).await.text();
     assert!(
         agent_metrics.contains("agent_connected 1"),
         "{agent_metrics}"
+    );
+    assert_eq!(
+        client.get(&format!("{health}/metrics")).await.status,
+        StatusCode::NOT_FOUND
     );
     assert_eq!(
         client.get(&format!("{health}/tunnel/dev")).await.status,
@@ -907,10 +920,7 @@ async fn sequential_requests_reuse_one_stream() {
         assert_eq!(answer.status, StatusCode::OK);
         received += answer.text().len();
     }
-    let metrics = client
-        .get(&format!("{}/metrics", env.internal_url()))
-        .await
-        .text();
+    let metrics = client.get(&env.metrics_url()).await.text();
     // Bytes each way are counted as they stream.
     let received = format!("proxy_response_bytes_total{{cluster=\"dev\"}} {received}");
     for expected in [

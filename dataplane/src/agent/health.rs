@@ -1,12 +1,12 @@
-//! The agent's only listening port: probes and metrics, inside its own
-//! cluster. Tunnel traffic never arrives here.
+//! The agent's probes port (and its metrics, which the opt-in metrics port
+//! serves), inside its own cluster. Tunnel traffic never arrives here.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Response, StatusCode};
+use http::StatusCode;
 use prometheus::{
     Encoder, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
@@ -14,7 +14,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::AgentError;
-use crate::http::{full, text};
+use crate::http::text;
 use crate::listen;
 
 pub struct AgentMetrics {
@@ -181,7 +181,6 @@ pub(super) async fn serve(
                     let (status, message) = metrics.readiness();
                     text(status, &message)
                 }
-                "/metrics" => Response::new(full(metrics.render())),
                 _ => text(StatusCode::NOT_FOUND, "not found"),
             };
             std::future::ready(Ok::<_, Infallible>(response))

@@ -123,7 +123,8 @@ pub struct AgentArgs {
     /// Streams served at once; more are refused with an Error frame.
     #[arg(long, env = "MAX_CONNS", default_value_t = 1024)]
     pub max_conns: usize,
-    /// /healthz, /readyz and /metrics (cluster-internal; probes only).
+    /// /healthz and /readyz (cluster-internal; probes only; metrics have a
+    /// port of their own, `--metrics-addr`).
     #[arg(long, env = "HEALTH_ADDR", default_value = ":8081", value_parser = parse_listen_addr)]
     pub health_addr: SocketAddr,
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]

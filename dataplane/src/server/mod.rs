@@ -59,7 +59,8 @@ pub struct ServerArgs {
     /// Public address: agents connect here (`/connect`, `/healthz`).
     #[arg(long, env = "ADDR", default_value = ":8443", value_parser = parse_listen_addr)]
     pub addr: SocketAddr,
-    /// Internal address: `/tunnel/{id}/...`, `/healthz`, `/readyz`, `/metrics`.
+    /// Internal address: `/tunnel/{id}/...`, `/healthz`, `/readyz` (metrics
+    /// have a port of their own, `--metrics-addr`).
     #[arg(long, env = "INTERNAL_ADDR", default_value = ":8080", value_parser = parse_listen_addr)]
     pub internal_addr: SocketAddr,
     /// JSON file `[{"id","token"|"tokenSha256","targetAddr"}]`, reloaded when it changes or on SIGHUP.
@@ -614,14 +615,6 @@ fn internal_routes(
     match path {
         "/healthz" | "/readyz" => health_routes(state, conn, request),
         peers::STATE_PATH => ready(replica_state(&state, &conn)),
-        "/metrics" => {
-            let mut response = Response::new(full(state.metrics.render(&state.tunnels)));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("text/plain; version=0.0.4"),
-            );
-            ready(response)
-        }
         _ => ready(text(StatusCode::NOT_FOUND, "not found")),
     }
 }

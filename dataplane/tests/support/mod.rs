@@ -194,6 +194,10 @@ impl Env {
             // No load balancer to wait for here (tests of the delay set it).
             "--shutdown-delay".into(),
             "0s".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-auth".into(),
+            "none".into(),
         ];
         if self.security != Security::Plain {
             args.extend([
@@ -254,6 +258,10 @@ impl Env {
             self.pki.path("ca.crt").display().to_string(),
             "--health-addr".into(),
             "127.0.0.1:0".into(),
+            "--metrics-addr".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-auth".into(),
+            "none".into(),
             "--max-retry".into(),
             "1s".into(),
             "--keepalive-interval".into(),
@@ -296,6 +304,12 @@ impl Env {
 
     pub async fn wait_connected(&self, cluster: &str) {
         eventually(|| self.server().is_connected(cluster), "agent connects").await;
+    }
+
+    /// The server's metrics (its own port, plain HTTP in tests).
+    pub fn metrics_url(&self) -> String {
+        let addr = self.server().metrics_addr.expect("metrics port");
+        format!("http://{addr}/metrics")
     }
 
     /// Base URL of the internal port.

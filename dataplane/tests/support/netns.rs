@@ -24,6 +24,8 @@ pub const SA_TOKEN: &str = "netns-sa-token-c2d4";
 pub const PUBLIC_PORT: u16 = 8443;
 pub const INTERNAL_PORT: u16 = 8080;
 pub const HEALTH_PORT: u16 = 8081;
+/// Metrics ports (server and agent, each in its own namespace; loopback).
+pub const METRICS_PORT: u16 = 8082;
 pub const KEEPALIVE: &str = "1s";
 pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -321,6 +323,8 @@ impl World {
                 &format!("{}:{PUBLIC_PORT}", self.net.addresses.server),
             ])
             .args(["--internal-addr", &format!("127.0.0.1:{INTERNAL_PORT}")])
+            .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
+            .args(["--metrics-auth", "none"])
             .arg("--clusters")
             .arg(self.pki.path("clusters.json"))
             .arg("--tls-cert")
@@ -358,6 +362,8 @@ impl World {
         )
         // As in a pod: the health port on every address of the namespace.
         .args(["--health-addr", &format!("0.0.0.0:{HEALTH_PORT}")])
+        .args(["--metrics-addr", &format!("127.0.0.1:{METRICS_PORT}")])
+        .args(["--metrics-auth", "none"])
         .args(["--keepalive-interval", KEEPALIVE])
         .args([
             "--keepalive-timeout",
@@ -415,13 +421,25 @@ impl World {
         (status, String::from_utf8_lossy(&body).into_owned())
     }
 
+    /// The agent's metrics, from inside the customer namespace.
+    pub async fn agent_metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{METRICS_PORT}/metrics");
+        let (_, _, body) = self
+            .curl(&self.net.customer, &url, &["--max-time", "2"])
+            .await;
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
     /// Polls the server's metrics until the agent is (or is not)
     /// connected; the time it took.
     pub async fn wait_connected(&self, connected: bool) -> Duration {
         let started = Instant::now();
         let expected = format!("agents_connected {}", u8::from(connected));
         loop {
-            let (_, _, body) = self.management("/metrics", &["--max-time", "2"]).await;
+            let url = format!("http://127.0.0.1:{METRICS_PORT}/metrics");
+            let (_, _, body) = self
+                .curl(&self.net.management, &url, &["--max-time", "2"])
+                .await;
             if String::from_utf8_lossy(&body)
                 .lines()
                 .any(|l| l == expected)

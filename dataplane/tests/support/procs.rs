@@ -79,6 +79,8 @@ pub struct World {
     pub internal: u16,
     /// Free for a probe port (`--health-addr`).
     pub health: u16,
+    /// The server's metrics port (`--metrics-addr`).
+    pub metrics: u16,
 }
 
 impl World {
@@ -97,7 +99,7 @@ impl World {
         )
         .expect("clusters");
         // One batch: ports picked one by one can repeat.
-        let ports = free_ports(3);
+        let ports = free_ports(4);
         Self {
             pki,
             backend,
@@ -105,6 +107,7 @@ impl World {
             public: ports[0],
             internal: ports[1],
             health: ports[2],
+            metrics: ports[3],
         }
     }
 
@@ -118,6 +121,8 @@ impl World {
             Command::new(env!("CARGO_BIN_EXE_tether-server"))
                 .args(["--addr", &format!("127.0.0.1:{}", self.public)])
                 .args(["--internal-addr", &format!("127.0.0.1:{}", self.internal)])
+                .args(["--metrics-addr", &format!("127.0.0.1:{}", self.metrics)])
+                .args(["--metrics-auth", "none"])
                 .arg("--clusters")
                 .arg(&self.clusters)
                 .arg("--tls-cert")
@@ -168,9 +173,14 @@ impl World {
         format!("https://localhost:{}{path}", self.internal)
     }
 
+    /// The server's metrics port (plain HTTP in tests).
+    pub fn metrics_url(&self) -> String {
+        format!("http://localhost:{}/metrics", self.metrics)
+    }
+
     /// Waits until the server reports an agent connected (its metrics).
     pub async fn wait_ready(&self) -> Duration {
-        wait_agents(&self.client(), &self.url("/metrics"), 1).await
+        wait_agents(&self.client(), &self.metrics_url(), 1).await
     }
 }
 
