@@ -3,6 +3,7 @@
 //! production. Prints a table and writes BENCHMARKS.md.
 
 mod external;
+mod metrics;
 mod proxy;
 mod rig;
 mod scale;
@@ -38,7 +39,7 @@ struct Args {
 }
 
 /// The groups of figures, in the order they run.
-const GROUPS: [&str; 10] = [
+const GROUPS: [&str; 11] = [
     "throughput",
     "latency",
     "external",
@@ -49,6 +50,7 @@ const GROUPS: [&str; 10] = [
     "idle-agents",
     "reconnect",
     "operator",
+    "metrics",
 ];
 
 /// One measured figure: the direct path, the tunnel, and what they mean.
@@ -563,6 +565,9 @@ async fn main() -> Result<()> {
     }
     if run("operator") {
         operator_row(&mut rows, args.quick).await?;
+    }
+    if run("metrics") {
+        metrics::rows(&mut rows, args.quick).await?;
     }
     let table = table(&rows);
     println!("{table}");

@@ -9,6 +9,8 @@
 //! Figures (pod start to Ready, failed requests in a rolling restart,
 //! reconnect times) are printed as `MEASURE:` lines.
 
+#[path = "pods/prometheus.rs"]
+mod prometheus;
 mod support;
 
 use std::io::{BufRead, BufReader};
@@ -307,11 +309,12 @@ fn chart_and_bundle_run_as_pods() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let run = std::process::id();
-    let (system, argocd, tenants, agent_ns) = (
+    let (system, argocd, tenants, agent_ns, monitoring) = (
         format!("tether-pods-{run}"),
         format!("argocd-pods-{run}"),
         format!("tenants-pods-{run}"),
         format!("tether-agent-pods-{run}"),
+        format!("monitoring-pods-{run}"),
     );
     let release = format!("tether-pods-{run}");
     let id = format!("pods-{run}");
@@ -327,9 +330,10 @@ fn chart_and_bundle_run_as_pods() {
             argocd.clone(),
             system.clone(),
             agent_ns.clone(),
+            monitoring.clone(),
         ],
     };
-    for namespace in [&system, &argocd, &tenants] {
+    for namespace in [&system, &argocd, &tenants, &monitoring] {
         k.ok(&["create", "namespace", namespace]);
     }
 
@@ -337,7 +341,8 @@ fn chart_and_bundle_run_as_pods() {
     // the URL agents dial (the public Service, in-cluster) and ArgoCD's
     // namespace.
     let public_url = format!("wss://tether-server.{system}.svc:8443");
-    let values = serde_json::json!({"publicUrl": public_url, "argocd": {"namespace": argocd}});
+    let values = serde_json::json!({"publicUrl": public_url, "argocd": {"namespace": argocd},
+        "metrics": {"allowedNamespaces": [monitoring]}});
     let chart = support::render_chart(&release, &system, &values);
     assert!(
         chart.contains(IMAGE),
@@ -364,7 +369,7 @@ fn chart_and_bundle_run_as_pods() {
 
     // A ProxiedCluster; its bundle leaves as one file whose hash checks.
     let pc = format!(
-        "apiVersion: tether.dev/v1alpha1\nkind: ProxiedCluster\nmetadata:\n  name: {id}\n  namespace: {tenants}\nspec:\n  agent:\n    namespace: {agent_ns}\n"
+        "apiVersion: tether.dev/v1alpha1\nkind: ProxiedCluster\nmetadata:\n  name: {id}\n  namespace: {tenants}\nspec:\n  agent:\n    namespace: {agent_ns}\n    metrics: {{enabled: true, allowedNamespaces: [{monitoring}]}}\n"
     );
     k.apply_ok(&pc, &[]);
     eventually(Duration::from_secs(60), "bundle rendered", || {
@@ -419,6 +424,116 @@ fn chart_and_bundle_run_as_pods() {
         started.elapsed().as_secs_f64()
     );
     println!("{}", k.ok(&["get", "proxiedclusters", "-n", &tenants]));
+
+    // A real Prometheus, configured as the chart's ServiceMonitor, with the
+    // chart's alert rules: every tether pod scraped, a scrape without a
+    // token refused, and the disconnect alert pending once the agent goes.
+    let scraper = d.join("prometheus-account.yaml");
+    cleanup.manifests.push(scraper.clone());
+    let token = prometheus::scraper_token(
+        &k,
+        &scraper,
+        &monitoring,
+        &format!("{release}-metrics-reader"),
+    );
+    let rules = support::render_chart(
+        &release,
+        &system,
+        &serde_json::json!({"publicUrl": public_url, "prometheusRule": {"enabled": true}}),
+    );
+    let rules = rules
+        .split("\n---\n")
+        .find(|doc| doc.contains("kind: PrometheusRule"))
+        .and_then(|doc| serde_yaml_ng::from_str::<Value>(doc).ok())
+        .map(|rule| serde_yaml_ng::to_string(&rule["spec"]).expect("rules YAML"))
+        .expect("the chart's PrometheusRule");
+    if let Some(prom) =
+        prometheus::Prometheus::start(d, &kubeconfig, &[&system, &agent_ns], &token, &rules)
+    {
+        // Two operators, three servers, one agent.
+        let targets = prometheus::wait_all_up(&prom, 6);
+        println!("scrape targets: {targets:?}");
+        eventually(Duration::from_secs(30), "tether's series", || {
+            (prom.scalar("sum(tether_operator_leader)") == Some(1.0)
+                && prom.scalar("count(agents_connected)") == Some(3.0)
+                && prom.scalar("sum(agent_connected)") == Some(1.0)
+                && prom.scalar(&format!(
+                    "max(tether_operator_agent_connected{{cluster=\"{id}\"}})"
+                )) == Some(1.0))
+            .then_some(())
+        });
+        if let Some(seconds) = prom.scalar(r#"avg(scrape_duration_seconds{job="tether"})"#) {
+            println!(
+                "MEASURE: one scrape of a tether pod takes {:.1} ms on average (Prometheus's scrape_duration_seconds)",
+                seconds * 1000.0
+            );
+        }
+        let server_ip = servers[0]["status"]["podIP"]
+            .as_str()
+            .expect("pod IP")
+            .to_owned();
+        for (header, expected) in [
+            (None, "401"),
+            (Some("Authorization: Bearer not-a-token"), "401"),
+            (
+                Some(format!("Authorization: Bearer {token}").as_str()),
+                "200",
+            ),
+        ] {
+            let mut curl = Command::new("curl");
+            curl.args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"]);
+            if let Some(header) = header {
+                curl.args(["-H", header]);
+            }
+            let code = curl
+                .arg(format!("https://{server_ip}:8082/metrics"))
+                .output()
+                .expect("curl");
+            assert_eq!(
+                String::from_utf8_lossy(&code.stdout),
+                expected,
+                "{header:?}"
+            );
+        }
+        let started = Instant::now();
+        k.ok(&[
+            "scale",
+            "deployment",
+            "tether-agent",
+            "-n",
+            &agent_ns,
+            "--replicas=0",
+        ]);
+        eventually(
+            Duration::from_secs(60),
+            "TetherAgentDisconnected pending",
+            || {
+                prom.alert_state("TetherAgentDisconnected")
+                    .filter(|state| state == "pending")
+            },
+        );
+        println!(
+            "MEASURE: TetherAgentDisconnected pending {:.1} s after the agent went away",
+            started.elapsed().as_secs_f64()
+        );
+        k.ok(&[
+            "scale",
+            "deployment",
+            "tether-agent",
+            "-n",
+            &agent_ns,
+            "--replicas=1",
+        ]);
+        wait_ready(&k, &agent_ns, "app.kubernetes.io/name=tether-agent", 1);
+        eventually(Duration::from_secs(60), "connected again", || {
+            connected(&k, &tenants, &id).then_some(())
+        });
+        eventually(Duration::from_secs(30), "the alert resolved", || {
+            prom.alert_state("TetherAgentDisconnected")
+                .is_none()
+                .then_some(())
+        });
+    }
 
     // ArgoCD's view, from a pod in ArgoCD's namespace that holds only a
     // kubeconfig made of the cluster Secret.

@@ -29,8 +29,10 @@ pub struct OperatorMetrics {
     certificate_expiry: IntGaugeVec,
 }
 
-/// Per-cluster labels: the object, and the id tunnel URLs use.
-const CLUSTER_LABELS: &[&str] = &["namespace", "name", "cluster"];
+/// Per-cluster labels: the object, and the id tunnel URLs use. Not
+/// `namespace`: Prometheus gives every target that label (the operator
+/// pod's namespace), and a scraped one would be renamed.
+const CLUSTER_LABELS: &[&str] = &["proxiedcluster_namespace", "proxiedcluster", "cluster"];
 
 impl OperatorMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
@@ -199,8 +201,8 @@ mod tests {
             "tether_operator_reconcile_duration_seconds_count{result=\"ok\"} 1",
             "tether_operator_leader 0",
             r#"tether_operator_proxied_clusters{condition="Ready",status="False"} 1"#,
-            r#"tether_operator_agent_connected{cluster="acme-prod",name="acme",namespace="tenants"} 1"#,
-            r#"tether_operator_agent_certificate_expiry_timestamp_seconds{cluster="acme-prod",name="acme",namespace="tenants"} 1798761600"#,
+            r#"tether_operator_agent_connected{cluster="acme-prod",proxiedcluster="acme",proxiedcluster_namespace="tenants"} 1"#,
+            r#"tether_operator_agent_certificate_expiry_timestamp_seconds{cluster="acme-prod",proxiedcluster="acme",proxiedcluster_namespace="tenants"} 1798761600"#,
         ] {
             assert!(text.contains(line), "{line} missing in:\n{text}");
         }

@@ -262,7 +262,7 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
     let (operator_text, _) = within(FIVE_SECONDS, "operator metrics", async || {
         let text = scrape(operator_metrics).await;
         text.contains(
-            r#"tether_operator_agent_connected{cluster="acme",name="acme",namespace="tenants"} 1"#,
+            r#"tether_operator_agent_connected{cluster="acme",proxiedcluster="acme",proxiedcluster_namespace="tenants"} 1"#,
         )
         .then_some(text)
     })
@@ -272,7 +272,7 @@ async fn a_proxied_cluster_goes_live_reports_status_and_is_removed() {
         r#"tether_operator_proxied_clusters{condition="Ready",status="True"} 1"#,
         r#"tether_operator_reconciliations_total{result="ok"}"#,
         "tether_operator_reconcile_duration_seconds_bucket",
-        r#"tether_operator_agent_certificate_expiry_timestamp_seconds{cluster="acme",name="acme",namespace="tenants"}"#,
+        r#"tether_operator_agent_certificate_expiry_timestamp_seconds{cluster="acme",proxiedcluster="acme",proxiedcluster_namespace="tenants"}"#,
     ] {
         assert!(
             operator_text.contains(line),
