@@ -348,6 +348,16 @@ fn chart_and_bundle_run_as_pods() {
         chart.contains(IMAGE),
         "the chart's default image is {IMAGE}"
     );
+    // `helm install` applies the chart's crds/ first (and leaves them on
+    // uninstall); rendering does not include them.
+    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tether/crds");
+    k.ok(&["apply", "--server-side", "-f", &crds.display().to_string()]);
+    k.ok(&[
+        "wait",
+        "--for=condition=established",
+        "crd/proxiedclusters.tether.dev",
+        "--timeout=60s",
+    ]);
     std::fs::write(&chart_file, &chart).expect("write chart");
     cleanup.manifests.push(chart_file.clone());
     k.ok(&[
@@ -399,7 +409,7 @@ fn chart_and_bundle_run_as_pods() {
     // The customer applies it as it is.
     cleanup.manifests.push(bundle_file.clone());
     k.ok(&["apply", "-f", &bundle_file.display().to_string()]);
-    let agents = wait_ready(&k, &agent_ns, "app.kubernetes.io/name=tether-agent", 1);
+    let mut agents = wait_ready(&k, &agent_ns, "app.kubernetes.io/name=tether-agent", 1);
     println!(
         "MEASURE: pod {} start to Ready {} s",
         name(&agents[0]),
@@ -447,11 +457,9 @@ fn chart_and_bundle_run_as_pods() {
         .and_then(|doc| serde_yaml_ng::from_str::<Value>(doc).ok())
         .map(|rule| serde_yaml_ng::to_string(&rule["spec"]).expect("rules YAML"))
         .expect("the chart's PrometheusRule");
-    if let Some(prom) =
-        prometheus::Prometheus::start(d, &kubeconfig, &[&system, &agent_ns], &token, &rules)
-    {
+    if let Some(prom) = prometheus::Prometheus::start(d, &token, &rules) {
         // Two operators, three servers, one agent.
-        let targets = prometheus::wait_all_up(&prom, 6);
+        let targets = prometheus::wait_all_up(&prom, &k, &[&system, &agent_ns], 6);
         println!("scrape targets: {targets:?}");
         eventually(Duration::from_secs(30), "tether's series", || {
             (prom.scalar("sum(tether_operator_leader)") == Some(1.0)
@@ -524,7 +532,7 @@ fn chart_and_bundle_run_as_pods() {
             &agent_ns,
             "--replicas=1",
         ]);
-        wait_ready(&k, &agent_ns, "app.kubernetes.io/name=tether-agent", 1);
+        agents = wait_ready(&k, &agent_ns, "app.kubernetes.io/name=tether-agent", 1);
         eventually(Duration::from_secs(60), "connected again", || {
             connected(&k, &tenants, &id).then_some(())
         });

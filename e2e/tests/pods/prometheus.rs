@@ -2,7 +2,10 @@
 //! scraping every tether pod as the chart's ServiceMonitor says: Endpoints
 //! of Services labelled `tether.dev/metrics`, port `metrics`, HTTPS, the
 //! token of a ServiceAccount bound to `<release>-metrics-reader`, and the
-//! chart's alert rules.
+//! chart's alert rules. Debian builds Prometheus without Kubernetes service
+//! discovery, so the test does the discovery the Prometheus Operator's
+//! `role: endpoints` would (the same selection) and hands Prometheus the
+//! targets through `file_sd_configs`.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -10,12 +13,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{Kubectl, eventually, free_port};
+use crate::support::{Kubectl, free_port};
 
 /// A Prometheus process, stopped when dropped.
 pub struct Prometheus {
     child: Child,
     pub url: String,
+    log: std::path::PathBuf,
+    targets: std::path::PathBuf,
 }
 
 impl Drop for Prometheus {
@@ -27,13 +32,7 @@ impl Drop for Prometheus {
 
 impl Prometheus {
     /// `None` (and a SKIP line) without Debian's prometheus.
-    pub fn start(
-        dir: &Path,
-        kubeconfig: &Path,
-        namespaces: &[&str],
-        token: &str,
-        rules: &str,
-    ) -> Option<Self> {
+    pub fn start(dir: &Path, token: &str, rules: &str) -> Option<Self> {
         if Command::new("prometheus")
             .arg("--version")
             .output()
@@ -45,29 +44,21 @@ impl Prometheus {
         let token_file = dir.join("prometheus-token");
         std::fs::write(&token_file, token).expect("token");
         std::fs::write(dir.join("rules.yaml"), rules).expect("rules");
-        // The ServiceMonitor's selection and settings, as the Prometheus
-        // Operator would write them (it also adds the pod label).
+        std::fs::write(dir.join("targets.json"), "[]").expect("targets");
+        // The ServiceMonitor's settings, as the Prometheus Operator would
+        // write them; targets from `discover`.
         let config = format!(
             r#"global: {{scrape_interval: 2s, evaluation_interval: 2s}}
 rule_files: [rules.yaml]
 scrape_configs:
   - job_name: tether
-    kubernetes_sd_configs:
-      - role: endpoints
-        kubeconfig_file: {kubeconfig}
-        namespaces: {{names: [{namespaces}]}}
+    file_sd_configs:
+      - files: [targets.json]
+        refresh_interval: 2s
     scheme: https
     tls_config: {{insecure_skip_verify: true}}
     authorization: {{credentials_file: {token}}}
-    relabel_configs:
-      - {{source_labels: [__meta_kubernetes_service_label_tether_dev_metrics], regex: "true", action: keep}}
-      - {{source_labels: [__meta_kubernetes_endpoint_port_name], regex: metrics, action: keep}}
-      - {{source_labels: [__meta_kubernetes_namespace], target_label: namespace}}
-      - {{source_labels: [__meta_kubernetes_pod_name], target_label: pod}}
-      - {{source_labels: [__meta_kubernetes_service_name], target_label: service}}
 "#,
-            kubeconfig = kubeconfig.display(),
-            namespaces = namespaces.join(", "),
             token = token_file.display(),
         );
         std::fs::write(dir.join("prometheus.yml"), config).expect("config");
@@ -89,7 +80,47 @@ scrape_configs:
         Some(Self {
             child,
             url: format!("http://127.0.0.1:{port}"),
+            log: dir.join("prometheus.log"),
+            targets: dir.join("targets.json"),
         })
+    }
+
+    /// What `role: endpoints` with the ServiceMonitor's selector finds: the
+    /// Endpoints of Services labelled `tether.dev/metrics=true` (Endpoints
+    /// carry their Service's labels), port `metrics`, one target per pod
+    /// address with the labels the Prometheus Operator adds. Written for
+    /// Prometheus's file discovery (atomically: it watches the file).
+    pub fn discover(&self, k: &Kubectl, namespaces: &[&str]) {
+        let mut groups = Vec::new();
+        for namespace in namespaces {
+            let endpoints = k.json(&[
+                "get",
+                "endpoints",
+                "-n",
+                namespace,
+                "-l",
+                "tether.dev/metrics=true",
+            ]);
+            for item in endpoints["items"].as_array().cloned().unwrap_or_default() {
+                let service = item["metadata"]["name"].clone();
+                for subset in item["subsets"].as_array().cloned().unwrap_or_default() {
+                    let ports = subset["ports"].as_array().cloned().unwrap_or_default();
+                    let Some(port) = ports.iter().find(|p| p["name"] == "metrics") else {
+                        continue;
+                    };
+                    for address in subset["addresses"].as_array().cloned().unwrap_or_default() {
+                        groups.push(serde_json::json!({
+                            "targets": [format!("{}:{}", address["ip"].as_str().unwrap_or_default(), port["port"])],
+                            "labels": {"namespace": namespace, "service": service,
+                                "pod": address["targetRef"]["name"]},
+                        }));
+                    }
+                }
+            }
+        }
+        let staged = self.targets.with_extension("json.new");
+        std::fs::write(&staged, serde_json::to_string(&groups).expect("JSON")).expect("targets");
+        std::fs::rename(&staged, &self.targets).expect("targets");
     }
 
     /// A GET of Prometheus's HTTP API; `None` until it answers.
@@ -175,21 +206,33 @@ pub fn scraper_token(k: &Kubectl, manifest: &Path, namespace: &str, reader_role:
     .to_owned()
 }
 
-/// Every expected target up: `count` of them, each healthy.
-pub fn wait_all_up(prometheus: &Prometheus, count: usize) -> Vec<(String, String, String)> {
+/// Every expected target up: `count` of them, each healthy. On timeout the
+/// message holds what Prometheus saw and its log's end.
+pub fn wait_all_up(
+    prometheus: &Prometheus,
+    k: &Kubectl,
+    namespaces: &[&str],
+    count: usize,
+) -> Vec<(String, String, String)> {
     let started = Instant::now();
-    let targets = eventually(
-        Duration::from_secs(90),
-        &format!("{count} tether targets up"),
-        || {
-            let targets = prometheus.targets();
-            (targets.len() == count && targets.iter().all(|(_, health, _)| health == "up"))
-                .then_some(targets)
-        },
-    );
-    println!(
-        "MEASURE: Prometheus scraped all {count} tether pods {:.1} s after it started",
-        started.elapsed().as_secs_f64()
-    );
-    targets
+    loop {
+        prometheus.discover(k, namespaces);
+        let targets = prometheus.targets();
+        if targets.len() == count && targets.iter().all(|(_, health, _)| health == "up") {
+            println!(
+                "MEASURE: Prometheus scraped all {count} tether pods {:.1} s after it started",
+                started.elapsed().as_secs_f64()
+            );
+            return targets;
+        }
+        if started.elapsed() > Duration::from_secs(90) {
+            let log = std::fs::read_to_string(&prometheus.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
+            panic!(
+                "not {count} tether targets up after 90 s: {targets:?}\nprometheus log (last lines first):\n{}",
+                tail.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
