@@ -503,15 +503,18 @@ fn chart_and_bundle_run_as_pods() {
                 "{header:?}"
             );
         }
+        let scale_agent = |replicas: &str| {
+            let replicas = format!("--replicas={replicas}");
+            k.ok(&[
+                "scale",
+                "deployment/tether-agent",
+                "-n",
+                &agent_ns,
+                &replicas,
+            ]);
+        };
         let started = Instant::now();
-        k.ok(&[
-            "scale",
-            "deployment",
-            "tether-agent",
-            "-n",
-            &agent_ns,
-            "--replicas=0",
-        ]);
+        scale_agent("0");
         eventually(
             Duration::from_secs(60),
             "TetherAgentDisconnected pending",
@@ -524,14 +527,7 @@ fn chart_and_bundle_run_as_pods() {
             "MEASURE: TetherAgentDisconnected pending {:.1} s after the agent went away",
             started.elapsed().as_secs_f64()
         );
-        k.ok(&[
-            "scale",
-            "deployment",
-            "tether-agent",
-            "-n",
-            &agent_ns,
-            "--replicas=1",
-        ]);
+        scale_agent("1");
         agents = wait_ready(&k, &agent_ns, "app.kubernetes.io/name=tether-agent", 1);
         eventually(Duration::from_secs(60), "connected again", || {
             connected(&k, &tenants, &id).then_some(())
