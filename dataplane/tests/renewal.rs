@@ -498,4 +498,9 @@ async fn a_requested_rotation_replaces_the_certificate_and_retires_the_old_one()
         metrics.contains("agent_certificate_requests_total{result=\"signed\"} 1"),
         "renewed once however often asked: {metrics}"
     );
+    assert!(
+        metrics
+            .contains("auth_failures_total{endpoint=\"connect\",reason=\"retired_certificate\"}"),
+        "the old certificate's refusals are counted by reason: {metrics}"
+    );
 }

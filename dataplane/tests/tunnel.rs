@@ -124,7 +124,7 @@ async fn wrong_agent_tokens_are_refused_and_counted() {
         || {
             env.server()
                 .metrics_text()
-                .contains("auth_failures_total{endpoint=\"connect\"}")
+                .contains("auth_failures_total{endpoint=\"connect\",reason=\"token\"}")
         },
         "failure counted",
     )
@@ -789,6 +789,10 @@ async fn certificate_identity_must_match_the_token() {
             env.server()
                 .metrics_text()
                 .contains("tunnel_identity_mismatch_total 1")
+                && env
+                    .server()
+                    .metrics_text()
+                    .contains("auth_failures_total{endpoint=\"connect\",reason=\"identity\"}")
         },
         "mismatch counted",
     )
@@ -924,6 +928,7 @@ async fn sequential_requests_reuse_one_stream() {
     // Bytes each way are counted as they stream.
     let received = format!("proxy_response_bytes_total{{cluster=\"dev\"}} {received}");
     for expected in [
+        "tunnel_agent_connected{cluster=\"dev\"} 1",
         "tunnel_active_connections{cluster=\"dev\"} 1",
         "tunnel_idle_connections{cluster=\"dev\"} 1",
         "proxy_request_bytes_total{cluster=\"dev\"} 0",

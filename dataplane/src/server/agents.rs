@@ -19,13 +19,15 @@ use crate::listen::ConnInfo;
 use crate::mux::{Role, Session, SessionConfig};
 use crate::websocket::{self, AGENT_INSTANCE_HEADER, AGENT_VERSION_HEADER};
 
-/// Counts a refused authentication, in the metrics and against the
-/// source's budget of failures.
-fn authentication_failed(state: &ServerState, source: std::net::IpAddr) {
+/// Counts a refused authentication, by why (`token`: missing or unknown;
+/// `identity`: the certificate names another cluster; `retired_certificate`:
+/// older than the cluster's certificate rotation), in the metrics and
+/// against the source's budget of failures.
+fn authentication_failed(state: &ServerState, source: std::net::IpAddr, reason: &str) {
     state
         .metrics
         .auth_failures
-        .with_label_values(&["connect"])
+        .with_label_values(&["connect", reason])
         .inc();
     state.auth_failures.allow(&source);
 }
@@ -54,7 +56,7 @@ pub(super) async fn connect(
         .map(crate::clusters::token_sha256)
         .and_then(|hash| Some((hash, clusters.authenticate(&hash, SystemTime::now())?)))
     else {
-        authentication_failed(&state, source);
+        authentication_failed(&state, source, "token");
         warn!(remote = %conn.remote, "agent authentication failed");
         return text(StatusCode::UNAUTHORIZED, "invalid agent token");
     };
@@ -71,7 +73,7 @@ pub(super) async fn connect(
         let identity = info.as_ref().and_then(|info| info.cluster.clone());
         if identity.as_deref() != Some(cluster.id.as_str()) {
             state.metrics.identity_mismatches.inc();
-            authentication_failed(&state, source);
+            authentication_failed(&state, source, "identity");
             warn!(remote = %conn.remote, cluster = %cluster.id, certificate = ?identity,
                 "agent certificate names another cluster than its token");
             return text(
@@ -86,7 +88,7 @@ pub(super) async fn connect(
     if let (Some(cert), Some(not_before)) = (&certificate, cluster.certificates_not_before)
         && cert.not_before < not_before
     {
-        authentication_failed(&state, source);
+        authentication_failed(&state, source, "retired_certificate");
         warn!(remote = %conn.remote, cluster = %cluster.id,
             "agent certificate predates the cluster's certificate rotation");
         return text(

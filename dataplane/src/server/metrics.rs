@@ -21,6 +21,8 @@ pub struct ServerMetrics {
     /// Response body bytes received from tunnels, by cluster.
     pub response_bytes: IntCounterVec,
     pub active_streams: IntGaugeVec,
+    /// 1 for each cluster whose agent holds a session with this replica.
+    sessions: IntGaugeVec,
     idle_streams: IntGaugeVec,
     pub buffered_bytes: IntGaugeVec,
     pub agents_connected: IntGauge,
@@ -72,6 +74,13 @@ impl ServerMetrics {
             ),
             &["cluster"],
         )?;
+        let sessions = IntGaugeVec::new(
+            Opts::new(
+                "tunnel_agent_connected",
+                "1 for each cluster whose agent holds a session with this replica (absent otherwise).",
+            ),
+            &["cluster"],
+        )?;
         let idle_streams = IntGaugeVec::new(
             Opts::new(
                 "tunnel_idle_connections",
@@ -95,9 +104,9 @@ impl ServerMetrics {
         let auth_failures = IntCounterVec::new(
             Opts::new(
                 "auth_failures_total",
-                "Refused authentications, by endpoint.",
+                "Refused agent authentications, by endpoint and reason: token (missing or unknown), identity (the certificate names another cluster), retired_certificate (older than the cluster's certificate rotation).",
             ),
-            &["endpoint"],
+            &["endpoint", "reason"],
         )?;
         let identity_mismatches = IntCounter::new(
             "tunnel_identity_mismatch_total",
@@ -109,6 +118,7 @@ impl ServerMetrics {
         registry.register(Box::new(response_bytes.clone()))?;
         registry.register(Box::new(active_streams.clone()))?;
         registry.register(Box::new(idle_streams.clone()))?;
+        registry.register(Box::new(sessions.clone()))?;
         registry.register(Box::new(buffered_bytes.clone()))?;
         registry.register(Box::new(agents_connected.clone()))?;
         registry.register(Box::new(rate_limited.clone()))?;
@@ -142,6 +152,7 @@ impl ServerMetrics {
             request_bytes,
             response_bytes,
             active_streams,
+            sessions,
             idle_streams,
             buffered_bytes,
             agents_connected,
@@ -157,10 +168,12 @@ impl ServerMetrics {
     /// The text exposition, with tunnel gauges read from the live sessions.
     pub fn render(&self, tunnels: &Tunnels) -> String {
         self.active_streams.reset();
+        self.sessions.reset();
         self.idle_streams.reset();
         self.buffered_bytes.reset();
         let snapshot = tunnels.snapshot();
         for (id, tunnel) in &snapshot {
+            self.sessions.with_label_values(&[id.as_str()]).set(1);
             self.active_streams
                 .with_label_values(&[id.as_str()])
                 .set(tunnel.session.open_streams() as i64);
