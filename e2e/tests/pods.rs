@@ -437,7 +437,8 @@ fn chart_and_bundle_run_as_pods() {
 
     // A real Prometheus, configured as the chart's ServiceMonitor, with the
     // chart's alert rules: every tether pod scraped, a scrape without a
-    // token refused, and the disconnect alert pending once the agent goes.
+    // token refused, and the disconnect alert pending once the agent goes,
+    // then firing (its `for` shortened from the chart's 5m to 15s here).
     let scraper = d.join("prometheus-account.yaml");
     cleanup.manifests.push(scraper.clone());
     let token = prometheus::scraper_token(
@@ -449,7 +450,8 @@ fn chart_and_bundle_run_as_pods() {
     let rules = support::render_chart(
         &release,
         &system,
-        &serde_json::json!({"publicUrl": public_url, "prometheusRule": {"enabled": true}}),
+        &serde_json::json!({"publicUrl": public_url,
+            "prometheusRule": {"enabled": true, "agentDisconnectedFor": "15s"}}),
     );
     let rules = rules
         .split("\n---\n")
@@ -515,18 +517,20 @@ fn chart_and_bundle_run_as_pods() {
         };
         let started = Instant::now();
         scale_agent("0");
-        eventually(
-            Duration::from_secs(60),
-            "TetherAgentDisconnected pending",
-            || {
-                prom.alert_state("TetherAgentDisconnected")
-                    .filter(|state| state == "pending")
-            },
-        );
-        println!(
-            "MEASURE: TetherAgentDisconnected pending {:.1} s after the agent went away",
-            started.elapsed().as_secs_f64()
-        );
+        for state in ["pending", "firing"] {
+            eventually(
+                Duration::from_secs(60),
+                &format!("TetherAgentDisconnected {state}"),
+                || {
+                    prom.alert_state("TetherAgentDisconnected")
+                        .filter(|now| now == state)
+                },
+            );
+            println!(
+                "MEASURE: TetherAgentDisconnected {state} {:.1} s after the agent went away",
+                started.elapsed().as_secs_f64()
+            );
+        }
         scale_agent("1");
         agents = wait_ready(&k, &agent_ns, "app.kubernetes.io/name=tether-agent", 1);
         eventually(Duration::from_secs(60), "connected again", || {
