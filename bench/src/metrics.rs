@@ -33,15 +33,10 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         "system:serviceaccount:monitoring:prometheus",
         true,
     );
-    let kubeconfig = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: 'http://{}'}}\nusers:\n- name: u\n  user: {{token: server-token}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
-        api.addr
-    );
-    let config = kube::Config::from_custom_kubeconfig(
-        kube::config::Kubeconfig::from_yaml(&kubeconfig)?,
-        &Default::default(),
-    )
-    .await?;
+    let client = api
+        .kube_client()
+        .await
+        .map_err(|err| anyhow::anyhow!(err))?;
     let clusters = dir.path().join("clusters.json");
     let entries: Vec<_> = (0..CLUSTERS)
         .map(|i| serde_json::json!({"id": format!("c{i}"), "token": format!("token-{i}")}))
@@ -61,7 +56,7 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
             "--log-level",
             "error",
         ]),
-        Some(kube::Client::try_from(config)?),
+        Some(client),
     )
     .await?;
     // A request for every cluster (no agents: each answers 502) gives each

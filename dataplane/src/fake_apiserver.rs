@@ -108,6 +108,22 @@ impl FakeApiServer {
         self.stop.cancel();
     }
 
+    /// A kube client of this double, started without TLS, authenticating
+    /// with the token its file holds (as a binary calling its API server).
+    pub async fn kube_client(&self) -> Result<kube::Client, BoxError> {
+        let token = std::fs::read_to_string(&self.state.token_file)?;
+        let kubeconfig = serde_json::json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "double", "cluster": {"server": format!("http://{}", self.addr)}}],
+            "users": [{"name": "double", "user": {"token": token.trim()}}],
+            "contexts": [{"name": "double", "context": {"cluster": "double", "user": "double"}}],
+            "current-context": "double",
+        });
+        let kubeconfig: kube::config::Kubeconfig = serde_json::from_value(kubeconfig)?;
+        let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+        Ok(kube::Client::try_from(config)?)
+    }
+
     /// From now on a TokenReview of `token` authenticates `user`, and a
     /// SubjectAccessReview lets that user `get /metrics` when `may_read`.
     pub fn review_token(&self, token: &str, user: &str, may_read: bool) {

@@ -86,6 +86,15 @@ pub enum MetricsPortError {
 /// What the metrics text is made from, called at every scrape.
 pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// A registry in Prometheus's text format, as every binary renders it.
+pub fn text_format(registry: &prometheus::Registry) -> String {
+    use prometheus::Encoder;
+    let mut out = Vec::new();
+    // Encoding into a Vec cannot fail for well-formed metrics.
+    let _ = prometheus::TextEncoder::new().encode(&registry.gather(), &mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// What a token may do, as the API server said.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Verdict {

@@ -40,15 +40,8 @@ async fn api(dir: &std::path::Path) -> (FakeApiServer, kube::Client) {
     .expect("fake API");
     api.review_token("prometheus-token", PROMETHEUS, true);
     api.review_token("someone-else", "system:serviceaccount:default:other", false);
-    let kubeconfig = format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: 'http://{}'}}\nusers:\n- name: u\n  user: {{token: \"the-binary's-own-token\"}}\ncontexts:\n- name: c\n  context: {{cluster: c, user: u}}\ncurrent-context: c\n",
-        api.addr
-    );
-    let kubeconfig = kube::config::Kubeconfig::from_yaml(&kubeconfig).expect("kubeconfig");
-    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
-        .await
-        .expect("config");
-    (api, kube::Client::try_from(config).expect("client"))
+    let client = api.kube_client().await.expect("client");
+    (api, client)
 }
 
 fn render() -> metrics_port::Render {

@@ -10,8 +10,7 @@ use std::time::Instant;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::crd::ProxiedCluster;
@@ -163,10 +162,7 @@ impl OperatorMetrics {
                     .set(expiry.0.as_second());
             }
         }
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metrics.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8_lossy(&out).into_owned()
+        tether::metrics_port::text_format(&self.registry)
     }
 }
 

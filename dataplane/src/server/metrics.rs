@@ -2,8 +2,7 @@
 //! existing dashboards keep working.
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use super::registry::Registry as Tunnels;
@@ -185,9 +184,6 @@ impl ServerMetrics {
                 .set(tunnel.session.buffered_bytes() as i64);
         }
         self.agents_connected.set(snapshot.len() as i64);
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metrics.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8_lossy(&out).into_owned()
+        crate::metrics_port::text_format(&self.registry)
     }
 }

@@ -232,6 +232,21 @@ fn has_status_subresource(collection: &str) -> bool {
 }
 
 impl State {
+    /// The stored CustomResourceDefinitions: a range of the ordered store
+    /// (keys sort by collection first), not a scan of every object, since
+    /// every request asks.
+    fn crds(&self) -> impl Iterator<Item = &Value> {
+        let first = Key {
+            collection: discovery::CRD_COLLECTION.to_owned(),
+            namespace: String::new(),
+            name: String::new(),
+        };
+        self.objects
+            .range(first..)
+            .take_while(|(k, _)| k.collection == discovery::CRD_COLLECTION)
+            .map(|(_, crd)| crd)
+    }
+
     fn commit(
         &mut self,
         kind: &'static str,
@@ -464,12 +479,7 @@ async fn handle(shared: &Shared, request: Request<Incoming>) -> Response<Body> {
     };
     let resources = {
         let st = lock();
-        discovery::resources(
-            st.objects
-                .iter()
-                .filter(|(k, _)| k.collection == discovery::CRD_COLLECTION)
-                .map(|(_, crd)| crd),
-        )
+        discovery::resources(st.crds())
     };
     if method == Method::GET
         && let Some(document) = discovery::document(&path, &resources)

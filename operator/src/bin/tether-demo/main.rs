@@ -76,13 +76,22 @@ fn kubectl_installed() -> Result<()> {
     Ok(())
 }
 
-/// One key of a Secret, decoded.
-fn secret_key(k: &Kubectl, namespace: &str, name: &str, key: &str) -> Result<Vec<u8>> {
+/// These keys of a Secret, decoded, from one read of it.
+fn secret_keys<const N: usize>(
+    k: &Kubectl,
+    namespace: &str,
+    name: &str,
+    keys: [&str; N],
+) -> Result<[Vec<u8>; N]> {
     let secret = k.json(&["get", "secret", name, "-n", namespace])?;
-    let data = secret["data"][key]
-        .as_str()
-        .with_context(|| format!("Secret {namespace}/{name} has no {key}"))?;
-    Ok(base64::engine::general_purpose::STANDARD.decode(data)?)
+    let mut values: [Vec<u8>; N] = std::array::from_fn(|_| Vec::new());
+    for (value, key) in values.iter_mut().zip(keys) {
+        let data = secret["data"][key]
+            .as_str()
+            .with_context(|| format!("Secret {namespace}/{name} has no {key}"))?;
+        *value = base64::engine::general_purpose::STANDARD.decode(data)?;
+    }
+    Ok(values)
 }
 
 /// What the demo started and made; dropped in this order: processes,
@@ -281,8 +290,8 @@ async fn run(args: &Args, demo: &mut Demo) -> Result<()> {
         Duration::from_secs(30),
         "the operator to issue tether-server's certificate",
         || async {
-            let read = |key| secret_key(&k, &names.system, "tether-server-tls", key).ok();
-            Some([read("tls.crt")?, read("tls.key")?, read("ca.crt")?])
+            let keys = ["tls.crt", "tls.key", "ca.crt"];
+            secret_keys(&k, &names.system, "tether-server-tls", keys).ok()
         },
     )
     .await?;
@@ -517,17 +526,9 @@ async fn run(args: &Args, demo: &mut Demo) -> Result<()> {
         "ArgoCD's view: the cluster Secret the operator wrote, and a deployment through the tunnel",
     )
     .await;
-    let secret = k.json(&["get", "secret", &argocd_secret, "-n", &names.argocd])?;
-    let field = |key: &str| -> Result<String> {
-        let data = secret["data"][key]
-            .as_str()
-            .with_context(|| format!("the ArgoCD Secret has no {key}"))?;
-        Ok(String::from_utf8(
-            base64::engine::general_purpose::STANDARD.decode(data)?,
-        )?)
-    };
-    let server = field("server")?;
-    let config: serde_json::Value = serde_json::from_str(&field("config")?)?;
+    let [server, config] = secret_keys(&k, &names.argocd, &argocd_secret, ["server", "config"])?;
+    let server = String::from_utf8(server)?;
+    let config: serde_json::Value = serde_json::from_slice(&config)?;
     let tls = &config["tlsClientConfig"];
     say(&format!(
         "Secret {}/{argocd_secret}: server {server}, tlsClientConfig with caData, certData, keyData (insecure: {})",
