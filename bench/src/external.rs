@@ -23,6 +23,7 @@ struct Load {
     p50: Duration,
     p99: Duration,
     rate: f64,
+    requests: f64,
 }
 
 fn installed(tool: &str, arg: &str) -> bool {
@@ -125,10 +126,17 @@ fn wrk(url: &str, connections: usize, seconds: u64, bearer: bool) -> Result<Load
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
         .with_context(|| format!("wrk printed no rate: {text}"))?;
+    // "  123456 requests in 5.00s, 140.23MB read"
+    let requests = text
+        .lines()
+        .find_map(|l| l.trim().split_once(" requests in "))
+        .and_then(|(count, _)| count.parse().ok())
+        .with_context(|| format!("wrk printed no request count: {text}"))?;
     Ok(Load {
         p50: percentile("50%")?,
         p99: percentile("99%")?,
         rate,
+        requests,
     })
 }
 
@@ -148,9 +156,31 @@ fn parse_wrk_duration(text: &str) -> Option<Duration> {
 
 /// tether-server and tether-agent as release processes in front of nginx.
 struct Tunnel {
-    _server: Process,
-    _agent: Process,
+    server: Process,
+    agent: Process,
     base: String,
+}
+
+/// CPU time per request of tether-server and tether-agent over a run.
+#[derive(Clone, Copy)]
+struct Cost {
+    server: Duration,
+    agent: Duration,
+}
+
+impl Tunnel {
+    /// Runs `load` through the tunnel: what it measured and what each
+    /// tether process spent per request.
+    async fn measure(&self, load: impl Future<Output = Result<Load>>) -> Result<(Load, Cost)> {
+        let before = (self.server.cpu_seconds(), self.agent.cpu_seconds());
+        let load = load.await?;
+        let per_request = |seconds: f64| Duration::from_secs_f64(seconds / load.requests.max(1.0));
+        let cost = Cost {
+            server: per_request(self.server.cpu_seconds() - before.0),
+            agent: per_request(self.agent.cpu_seconds() - before.1),
+        };
+        Ok((load, cost))
+    }
 }
 
 async fn tunnel(setup: &Setup, tls: bool, nginx: u16) -> Result<Tunnel> {
@@ -169,8 +199,8 @@ async fn tunnel(setup: &Setup, tls: bool, nginx: u16) -> Result<Tunnel> {
     let base = format!("{scheme}://localhost:{internal}");
     crate::streams::wait_ready(&setup.client(tls)?, &crate::streams::metrics_url(metrics)).await?;
     Ok(Tunnel {
-        _server: server,
-        _agent: agent,
+        server,
+        agent,
         base,
     })
 }
@@ -187,30 +217,59 @@ fn rate_text(load: Load) -> String {
     format!("{:.0}/s", load.rate)
 }
 
-/// Two runs each of direct and tunnel: the rows for concurrency 1 and 64.
+/// One run of a setup: direct and through tether at concurrency 1 and 64.
+#[derive(Clone, Copy)]
+struct Run {
+    direct_1: Load,
+    tunnel_1: (Load, Cost),
+    direct_64: Load,
+    tunnel_64: (Load, Cost),
+}
+
+fn cost_text(cost: Cost) -> String {
+    format!("{} + {}", us(cost.server), us(cost.agent))
+}
+
+/// Two runs each of direct and tunnel: the rows for concurrency 1 and 64,
+/// and what the tether processes spent.
 fn push_rows(
     rows: &mut Vec<Row>,
     setup_name: &str,
     client: &str,
-    runs: [(Load, Load, Load, Load); 2],
+    runs: [Run; 2],
     targets: (&str, &str),
 ) {
     let [a, b] = runs;
-    let added = |run: (Load, Load, Load, Load)| us(run.1.p50.saturating_sub(run.0.p50));
-    let ratio = |run: (Load, Load, Load, Load)| run.3.rate / run.2.rate;
+    let added = |run: Run| us(run.tunnel_1.0.p50.saturating_sub(run.direct_1.p50));
+    let ratio = |run: Run| run.tunnel_64.0.rate / run.direct_64.rate;
     rows.push(Row {
         name: format!("{setup_name}: GET 1 KiB c=1, {client}, two runs (p50 / p99)"),
-        direct: pair(a.0, b.0, latency_text),
-        tunnel: pair(a.1, b.1, latency_text),
+        direct: pair(a.direct_1, b.direct_1, latency_text),
+        tunnel: pair(a.tunnel_1.0, b.tunnel_1.0, latency_text),
         ratio: format!("+{} and +{} p50", added(a), added(b)),
         target: format!("added p50 ≤ {}", targets.0),
     });
     rows.push(Row {
         name: format!("{setup_name}: GET 1 KiB c=64, {client}, two runs (req/s)"),
-        direct: pair(a.2, b.2, rate_text),
-        tunnel: pair(a.3, b.3, rate_text),
+        direct: pair(a.direct_64, b.direct_64, rate_text),
+        tunnel: pair(a.tunnel_64.0, b.tunnel_64.0, rate_text),
         ratio: format!("{:.2}× and {:.2}×", ratio(a), ratio(b)),
         target: format!("≥ {} request rate", targets.1),
+    });
+    rows.push(Row {
+        name: format!(
+            "{setup_name}: CPU per request, tether-server + tether-agent, c=1 and c=64, two runs"
+        ),
+        direct: "-".into(),
+        tunnel: format!(
+            "c=1: {}; {} · c=64: {}; {}",
+            cost_text(a.tunnel_1.1),
+            cost_text(b.tunnel_1.1),
+            cost_text(a.tunnel_64.1),
+            cost_text(b.tunnel_64.1)
+        ),
+        ratio: "-".into(),
+        target: "-".into(),
     });
 }
 
@@ -229,7 +288,13 @@ async fn own_client(
     let (_, _, probe) = latency(client, url, headers, connections, connections * 50).await?;
     let total = ((probe * seconds as f64) as usize).max(connections * 100);
     let (p50, p99, rate) = latency(client, url, headers, connections, total).await?;
-    Ok(Load { p50, p99, rate })
+    Ok(Load {
+        p50,
+        p99,
+        rate,
+        // The probe's requests too: a caller's CPU figures cover both.
+        requests: (connections * 50 + total / connections * connections) as f64,
+    })
 }
 
 pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
@@ -253,12 +318,16 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     let through = format!("{}/tunnel/dev/api/v1/namespaces/default", plain.base);
     let mut runs = Vec::new();
     for _ in 0..2 {
-        runs.push((
-            wrk(&direct, 1, seconds, true)?,
-            wrk(&through, 1, seconds, false)?,
-            wrk(&direct, 64, seconds, true)?,
-            wrk(&through, 64, seconds, false)?,
-        ));
+        runs.push(Run {
+            direct_1: wrk(&direct, 1, seconds, true)?,
+            tunnel_1: plain
+                .measure(async { wrk(&through, 1, seconds, false) })
+                .await?,
+            direct_64: wrk(&direct, 64, seconds, true)?,
+            tunnel_64: plain
+                .measure(async { wrk(&through, 64, seconds, false) })
+                .await?,
+        });
     }
     drop(plain);
     push_rows(
@@ -275,12 +344,16 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     let through = format!("{}/tunnel/dev/api/v1/namespaces/default", secure.base);
     let mut runs = Vec::new();
     for _ in 0..2 {
-        runs.push((
-            own_client(&client, &direct, true, 1, seconds).await?,
-            own_client(&client, &through, false, 1, seconds).await?,
-            own_client(&client, &direct, true, 64, seconds).await?,
-            own_client(&client, &through, false, 64, seconds).await?,
-        ));
+        runs.push(Run {
+            direct_1: own_client(&client, &direct, true, 1, seconds).await?,
+            tunnel_1: secure
+                .measure(own_client(&client, &through, false, 1, seconds))
+                .await?,
+            direct_64: own_client(&client, &direct, true, 64, seconds).await?,
+            tunnel_64: secure
+                .measure(own_client(&client, &through, false, 64, seconds))
+                .await?,
+        });
     }
     drop(secure);
     push_rows(

@@ -30,7 +30,12 @@ pub const PROXIED_SERVER_NAME: &str = "tether-bench.test";
 
 /// CPU time (user + system) this process has used, in seconds.
 pub fn cpu_seconds() -> f64 {
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    cpu_seconds_of("self")
+}
+
+/// CPU time (user + system) of process `pid` ("self" for this one).
+fn cpu_seconds_of(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -54,6 +59,11 @@ impl Drop for Process {
 }
 
 impl Process {
+    /// Its CPU time so far (user + system), in seconds.
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds_of(&self.0.id().to_string())
+    }
+
     /// Starts one of tether's binaries, found beside this one.
     pub fn tether(binary: &str, args: &[String]) -> Result<Self> {
         let child = Command::new(sibling(binary)?)

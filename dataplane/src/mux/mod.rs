@@ -793,6 +793,9 @@ async fn write_loop<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let write_timeout = shared.cfg.write_timeout;
+    // Whether the last write carried several frames: other streams are
+    // busy, and a frame is worth waiting a scheduler turn for.
+    let mut busy = false;
     loop {
         let first = tokio::select! {
             biased;
@@ -806,7 +809,9 @@ async fn write_loop<S>(
         };
         let batch = async {
             sink.feed(Message::Binary(first)).await?;
-            for _ in 1..WRITE_BATCH {
+            let mut fed = 1;
+            let mut yielded = !busy;
+            while fed < WRITE_BATCH {
                 let next = match control.try_recv() {
                     Ok(bytes) => {
                         shared.control_queued.fetch_sub(1, Ordering::Relaxed);
@@ -814,15 +819,25 @@ async fn write_loop<S>(
                     }
                     Err(_) => match data.try_recv() {
                         Ok(bytes) => bytes,
+                        // Under load, once, let the tasks already woken
+                        // queue their frames: they share one write (and the
+                        // peer one wakeup) instead of a syscall each. A
+                        // lone request does not pay for the extra turn.
+                        Err(_) if !yielded => {
+                            yielded = true;
+                            tokio::task::yield_now().await;
+                            continue;
+                        }
                         Err(_) => break,
                     },
                 };
                 sink.feed(Message::Binary(next)).await?;
+                fed += 1;
             }
-            sink.flush().await
+            sink.flush().await.map(|()| fed)
         };
         match tokio::time::timeout(write_timeout, batch).await {
-            Ok(Ok(())) => {}
+            Ok(Ok(fed)) => busy = fed > 1,
             Ok(Err(err)) => return shared.close(&format!("write failed: {err}")),
             Err(_) => {
                 return shared.close(&format!("write stalled for {write_timeout:?}"));

@@ -90,6 +90,10 @@ pub struct ServerArgs {
     pub tls_client_ca: Option<PathBuf>,
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Threads running the server's tasks (default: one per CPU the
+    /// process may use, its cgroup's quota included).
+    #[arg(long, env = "WORKER_THREADS")]
+    pub worker_threads: Option<std::num::NonZeroUsize>,
     /// Largest request body forwarded, in bytes.
     #[arg(long, env = "MAX_BODY_BYTES", default_value_t = 32 << 20)]
     pub max_body_bytes: u64,

