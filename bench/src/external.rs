@@ -161,23 +161,31 @@ struct Tunnel {
     base: String,
 }
 
-/// CPU time per request of tether-server and tether-agent over a run.
+/// CPU time per request of tether-server and tether-agent over a run:
+/// all of it, and the part spent in the kernel.
 #[derive(Clone, Copy)]
 struct Cost {
-    server: Duration,
-    agent: Duration,
+    server: (Duration, Duration),
+    agent: (Duration, Duration),
 }
 
 impl Tunnel {
     /// Runs `load` through the tunnel: what it measured and what each
     /// tether process spent per request.
     async fn measure(&self, load: impl Future<Output = Result<Load>>) -> Result<(Load, Cost)> {
-        let before = (self.server.cpu_seconds(), self.agent.cpu_seconds());
+        let before = (self.server.cpu_times(), self.agent.cpu_times());
         let load = load.await?;
-        let per_request = |seconds: f64| Duration::from_secs_f64(seconds / load.requests.max(1.0));
+        let per_request = |process: &Process, (user, system): (f64, f64)| {
+            let (user_now, system_now) = process.cpu_times();
+            let per = |seconds: f64| Duration::from_secs_f64(seconds / load.requests.max(1.0));
+            (
+                per(user_now - user + system_now - system),
+                per(system_now - system),
+            )
+        };
         let cost = Cost {
-            server: per_request(self.server.cpu_seconds() - before.0),
-            agent: per_request(self.agent.cpu_seconds() - before.1),
+            server: per_request(&self.server, before.0),
+            agent: per_request(&self.agent, before.1),
         };
         Ok((load, cost))
     }
@@ -227,7 +235,8 @@ struct Run {
 }
 
 fn cost_text(cost: Cost) -> String {
-    format!("{} + {}", us(cost.server), us(cost.agent))
+    let part = |(all, kernel)| format!("{} ({} kernel)", us(all), us(kernel));
+    format!("{} + {}", part(cost.server), part(cost.agent))
 }
 
 /// Two runs each of direct and tunnel: the rows for concurrency 1 and 64,

@@ -30,11 +30,13 @@ pub const PROXIED_SERVER_NAME: &str = "tether-bench.test";
 
 /// CPU time (user + system) this process has used, in seconds.
 pub fn cpu_seconds() -> f64 {
-    cpu_seconds_of("self")
+    let (user, system) = cpu_times_of("self");
+    user + system
 }
 
-/// CPU time (user + system) of process `pid` ("self" for this one).
-fn cpu_seconds_of(pid: &str) -> f64 {
+/// User and system CPU time of process `pid` ("self" for this one), in
+/// seconds.
+fn cpu_times_of(pid: &str) -> (f64, f64) {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
@@ -45,7 +47,7 @@ fn cpu_seconds_of(pid: &str) -> f64 {
             .and_then(|f| f.parse::<f64>().ok())
             .unwrap_or(0.0)
     };
-    (ticks(11) + ticks(12)) / 100.0
+    (ticks(11) / 100.0, ticks(12) / 100.0)
 }
 
 /// A child process whose memory the benchmark reads; killed on drop.
@@ -59,9 +61,9 @@ impl Drop for Process {
 }
 
 impl Process {
-    /// Its CPU time so far (user + system), in seconds.
-    pub fn cpu_seconds(&self) -> f64 {
-        cpu_seconds_of(&self.0.id().to_string())
+    /// Its user and system CPU time so far, in seconds.
+    pub fn cpu_times(&self) -> (f64, f64) {
+        cpu_times_of(&self.0.id().to_string())
     }
 
     /// Starts one of tether's binaries, found beside this one.
