@@ -583,9 +583,11 @@ async fn main() -> Result<()> {
              Every figure is measured in the same run for the direct path (client → API server double over TLS)\n\
              and through tether (client → tether-server → WebSocket tunnel → tether-agent → API server double).\n\
              CPU-s/GiB is the CPU time of the whole process (all parties) per GiB moved: the machine-independent\n\
-             cost; the tunnel path does the TLS and framing work of two more hops.\n\n{table}",
+             cost; the tunnel path does the TLS and framing work of two more hops.\n\n{table}\n{}",
             if args.quick { " in quick mode" } else { "" },
-            machine()
+            machine(),
+            // Profiles taken by hand: kept beside the benchmark, shown with its figures.
+            include_str!("../small-requests.md")
         );
         std::fs::write(&args.output, report)?;
         println!("wrote {}", args.output);

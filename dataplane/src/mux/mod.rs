@@ -52,6 +52,9 @@ const PROTOCOL_ERROR_BUDGET: u32 = 64;
 const MAX_ANNOUNCED_REPLICAS: usize = 64;
 /// Frames the writer sends before it flushes the socket.
 const WRITE_BATCH: usize = 32;
+/// Frames under this size on average (small requests and responses) are
+/// worth gathering into fewer writes.
+const SMALL_FRAME: usize = 4096;
 
 /// Which side of the tunnel a session is. Only the server opens streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -793,32 +796,44 @@ async fn write_loop<S>(
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let write_timeout = shared.cfg.write_timeout;
-    // Whether the last write carried several frames: other streams are
-    // busy, and a frame is worth waiting a scheduler turn for.
-    let mut busy = false;
+    // Whether the last write carried several small data frames: many
+    // streams are busy with small requests, and a frame is worth waiting a
+    // scheduler turn for. Bulk frames fill a write on their own, and the
+    // receiver of a download writes only control frames (window updates):
+    // a turn for those cost a download a third of its throughput.
+    let mut small_and_busy = false;
     loop {
         let first = tokio::select! {
             biased;
             _ = shared.closed.cancelled() => break,
             Some(bytes) = control.recv() => {
                 shared.control_queued.fetch_sub(1, Ordering::Relaxed);
-                bytes
+                (bytes, false)
             }
-            Some(bytes) = data.recv() => bytes,
+            Some(bytes) = data.recv() => (bytes, true),
             else => break,
         };
         let batch = async {
+            let (first, first_is_data) = first;
+            let (mut data_frames, mut data_bytes) = (0, 0);
+            if first_is_data {
+                (data_frames, data_bytes) = (1, first.len());
+            }
             sink.feed(Message::Binary(first)).await?;
             let mut fed = 1;
-            let mut yielded = !busy;
+            let mut yielded = !small_and_busy;
             while fed < WRITE_BATCH {
                 let next = match control.try_recv() {
-                    Ok(bytes) => {
+                    Ok(frame) => {
                         shared.control_queued.fetch_sub(1, Ordering::Relaxed);
-                        bytes
+                        frame
                     }
                     Err(_) => match data.try_recv() {
-                        Ok(bytes) => bytes,
+                        Ok(frame) => {
+                            data_frames += 1;
+                            data_bytes += frame.len();
+                            frame
+                        }
                         // Under load, once, let the tasks already woken
                         // queue their frames: they share one write (and the
                         // peer one wakeup) instead of a syscall each. A
@@ -834,10 +849,10 @@ async fn write_loop<S>(
                 sink.feed(Message::Binary(next)).await?;
                 fed += 1;
             }
-            sink.flush().await.map(|()| fed)
+            sink.flush().await.map(|()| (data_frames, data_bytes))
         };
         match tokio::time::timeout(write_timeout, batch).await {
-            Ok(Ok(fed)) => busy = fed > 1,
+            Ok(Ok((frames, bytes))) => small_and_busy = frames > 1 && bytes / frames < SMALL_FRAME,
             Ok(Err(err)) => return shared.close(&format!("write failed: {err}")),
             Err(_) => {
                 return shared.close(&format!("write stalled for {write_timeout:?}"));
