@@ -802,13 +802,9 @@ async fn certificate_identity_must_match_the_token() {
     let crossed = Agent::start(args).await.expect("agent");
     eventually(
         || {
-            env.server()
-                .metrics_text()
-                .contains("tunnel_identity_mismatch_total 1")
-                && env
-                    .server()
-                    .metrics_text()
-                    .contains("auth_failures_total{endpoint=\"connect\",reason=\"identity\"}")
+            let metrics = env.server().metrics_text();
+            metrics.contains("tunnel_identity_mismatch_total 1")
+                && metrics.contains("auth_failures_total{endpoint=\"connect\",reason=\"identity\"}")
         },
         "mismatch counted",
     )

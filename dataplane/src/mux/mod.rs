@@ -815,10 +815,11 @@ async fn write_loop<S>(
         };
         let batch = async {
             let (first, first_is_data) = first;
-            let (mut data_frames, mut data_bytes) = (0, 0);
-            if first_is_data {
-                (data_frames, data_bytes) = (1, first.len());
-            }
+            let (mut data_frames, mut data_bytes) = if first_is_data {
+                (1, first.len())
+            } else {
+                (0, 0)
+            };
             sink.feed(Message::Binary(first)).await?;
             let mut fed = 1;
             let mut yielded = !small_and_busy;
