@@ -8,7 +8,12 @@
 //! internal port requires ArgoCD's certificate) is driven by the
 //! benchmark's own client; a calibration row runs both clients against
 //! nginx directly to show that client is not the bottleneck.
+//!
+//! With `TETHER_BENCH_RATHOLE` naming a rathole binary, the plain ws runs
+//! also carry the same load through rathole's plain TCP tunnel, the peer
+//! the targets were set against, so its figures come from the same run.
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -154,15 +159,17 @@ fn parse_wrk_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(seconds))
 }
 
-/// tether-server and tether-agent as release processes in front of nginx.
+/// A tunnel's two processes in front of nginx: the management side
+/// (tether-server, or rathole's server) and the customer side
+/// (tether-agent, or rathole's client).
 struct Tunnel {
     server: Process,
     agent: Process,
     base: String,
 }
 
-/// CPU time per request of tether-server and tether-agent over a run:
-/// all of it, and the part spent in the kernel.
+/// CPU time per request of a tunnel's two processes over a run: all of
+/// it, and the part spent in the kernel.
 #[derive(Clone, Copy)]
 struct Cost {
     server: (Duration, Duration),
@@ -213,6 +220,75 @@ async fn tunnel(setup: &Setup, tls: bool, nginx: u16) -> Result<Tunnel> {
     })
 }
 
+/// Names the rathole binary that the plain ws runs compare against.
+const RATHOLE: &str = "TETHER_BENCH_RATHOLE";
+
+/// rathole's server and client, its plain TCP transport carrying wrk's
+/// TLS connections to nginx byte for byte: no HTTP, no token injection.
+async fn rathole(setup: &Setup, binary: &Path, nginx: u16) -> Result<Tunnel> {
+    let [control, visitor] = free_ports::<2>()?;
+    let dir = setup.path("rathole");
+    std::fs::create_dir_all(&dir)?;
+    let token = "bench-rathole-token";
+    // Writes one side's configuration and starts it.
+    let start = |name: &str, conf: String| -> Result<Process> {
+        let path = dir.join(name);
+        std::fs::write(&path, conf)?;
+        let child = Command::new(binary)
+            .arg(&path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {} ({RATHOLE})", binary.display()))?;
+        Ok(Process::from_child(child))
+    };
+    let server = start(
+        "server.toml",
+        format!(
+            "[server]\nbind_addr = \"127.0.0.1:{control}\"\n\
+             [server.services.api]\ntoken = \"{token}\"\nbind_addr = \"127.0.0.1:{visitor}\"\n"
+        ),
+    )?;
+    let agent = start(
+        "client.toml",
+        format!(
+            "[client]\nremote_addr = \"127.0.0.1:{control}\"\n\
+             [client.services.api]\ntoken = \"{token}\"\nlocal_addr = \"127.0.0.1:{nginx}\"\n"
+        ),
+    )?;
+    let base = format!("https://localhost:{visitor}");
+    // Ready once a request reaches nginx through it.
+    let client = setup.client(true)?;
+    let auth = format!("Bearer {SA_TOKEN}");
+    let url = format!("{base}/api/v1/namespaces/default");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answered = client
+            .send(
+                http::Method::GET,
+                &url,
+                &[("authorization", &auth)],
+                Default::default(),
+            )
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if answered {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "rathole did not start carrying requests"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Tunnel {
+        server,
+        agent,
+        base,
+    })
+}
+
 fn pair(a: Load, b: Load, show: impl Fn(Load) -> String) -> String {
     format!("{}; {}", show(a), show(b))
 }
@@ -225,13 +301,21 @@ fn rate_text(load: Load) -> String {
     format!("{:.0}/s", load.rate)
 }
 
-/// One run of a setup: direct and through tether at concurrency 1 and 64.
+/// What a tunnel measured in one run, at concurrency 1 and 64.
+#[derive(Clone, Copy)]
+struct Through {
+    c1: (Load, Cost),
+    c64: (Load, Cost),
+}
+
+/// One run of a setup: direct, through tether, and through the peer when
+/// there is one.
 #[derive(Clone, Copy)]
 struct Run {
     direct_1: Load,
-    tunnel_1: (Load, Cost),
     direct_64: Load,
-    tunnel_64: (Load, Cost),
+    tether: Through,
+    peer: Option<Through>,
 }
 
 fn cost_text(cost: Cost) -> String {
@@ -239,47 +323,121 @@ fn cost_text(cost: Cost) -> String {
     format!("{} + {}", part(cost.server), part(cost.agent))
 }
 
-/// Two runs each of direct and tunnel: the rows for concurrency 1 and 64,
-/// and what the tether processes spent.
+/// Two runs each of direct and a tunnel: the rows for concurrency 1 and
+/// 64, and what the tunnel's processes spent. `targets` are tether's; a
+/// peer has none.
 fn push_rows(
     rows: &mut Vec<Row>,
     setup_name: &str,
     client: &str,
-    runs: [Run; 2],
-    targets: (&str, &str),
+    runs: [(Load, Load, Through); 2],
+    targets: Option<(&str, &str)>,
 ) {
     let [a, b] = runs;
-    let added = |run: Run| us(run.tunnel_1.0.p50.saturating_sub(run.direct_1.p50));
-    let ratio = |run: Run| run.tunnel_64.0.rate / run.direct_64.rate;
+    let added = |(direct_1, _, through): (Load, Load, Through)| {
+        us(through.c1.0.p50.saturating_sub(direct_1.p50))
+    };
+    let ratio =
+        |(_, direct_64, through): (Load, Load, Through)| through.c64.0.rate / direct_64.rate;
+    let target = |pick: fn((&str, &str)) -> String| {
+        targets.map_or_else(|| "reference, no target".to_owned(), pick)
+    };
     rows.push(Row {
         name: format!("{setup_name}: GET 1 KiB c=1, {client}, two runs (p50 / p99)"),
-        direct: pair(a.direct_1, b.direct_1, latency_text),
-        tunnel: pair(a.tunnel_1.0, b.tunnel_1.0, latency_text),
+        direct: pair(a.0, b.0, latency_text),
+        tunnel: pair(a.2.c1.0, b.2.c1.0, latency_text),
         ratio: format!("+{} and +{} p50", added(a), added(b)),
-        target: format!("added p50 ≤ {}", targets.0),
+        target: target(|t| format!("added p50 ≤ {}", t.0)),
     });
     rows.push(Row {
         name: format!("{setup_name}: GET 1 KiB c=64, {client}, two runs (req/s)"),
-        direct: pair(a.direct_64, b.direct_64, rate_text),
-        tunnel: pair(a.tunnel_64.0, b.tunnel_64.0, rate_text),
+        direct: pair(a.1, b.1, rate_text),
+        tunnel: pair(a.2.c64.0, b.2.c64.0, rate_text),
         ratio: format!("{:.2}× and {:.2}×", ratio(a), ratio(b)),
-        target: format!("≥ {} request rate", targets.1),
+        target: target(|t| format!("≥ {} request rate", t.1)),
     });
     rows.push(Row {
         name: format!(
-            "{setup_name}: CPU per request, tether-server + tether-agent, c=1 and c=64, two runs"
+            "{setup_name}: CPU per request, management side + customer side, c=1 and c=64, two runs"
         ),
         direct: "-".into(),
         tunnel: format!(
             "c=1: {}; {} · c=64: {}; {}",
-            cost_text(a.tunnel_1.1),
-            cost_text(b.tunnel_1.1),
-            cost_text(a.tunnel_64.1),
-            cost_text(b.tunnel_64.1)
+            cost_text(a.2.c1.1),
+            cost_text(b.2.c1.1),
+            cost_text(a.2.c64.1),
+            cost_text(b.2.c64.1)
         ),
         ratio: "-".into(),
         target: "-".into(),
     });
+}
+
+/// The peer's rows, and tether beside it in the same runs; a row saying
+/// why not when it did not run.
+fn push_peer_rows(rows: &mut Vec<Row>, runs: &[Run]) {
+    let [a, b] = runs else { return };
+    let (Some(peer_a), Some(peer_b)) = (a.peer, b.peer) else {
+        rows.push(Row {
+            name: "peer: rathole, plain TCP tunnel".into(),
+            direct: "-".into(),
+            tunnel: "-".into(),
+            ratio: format!("skipped: set {RATHOLE} to a rathole binary"),
+            target: "-".into(),
+        });
+        return;
+    };
+    push_rows(
+        rows,
+        "peer: rathole, plain TCP tunnel",
+        "wrk",
+        [
+            (a.direct_1, a.direct_64, peer_a),
+            (b.direct_1, b.direct_64, peer_b),
+        ],
+        None,
+    );
+    let slower = |run: &Run, peer: Through| us(run.tether.c1.0.p50.saturating_sub(peer.c1.0.p50));
+    let share = |run: &Run, peer: Through| run.tether.c64.0.rate / peer.c64.0.rate;
+    rows.push(Row {
+        name: "tether (plain ws) against rathole, the same runs: c=1 p50, c=64 req/s".into(),
+        direct: "-".into(),
+        tunnel: "-".into(),
+        ratio: format!(
+            "+{} and +{} p50; {:.2}× and {:.2}× the rate",
+            slower(a, peer_a),
+            slower(b, peer_b),
+            share(a, peer_a),
+            share(b, peer_b)
+        ),
+        target: "-".into(),
+    });
+}
+
+/// wrk at `connections` against nginx directly, through the peer (when
+/// there is one) and through tether, back to back: each tunnel with a
+/// URL on it.
+async fn side_by_side(
+    direct: &str,
+    peer: Option<(&Tunnel, &str)>,
+    tether: (&Tunnel, &str),
+    connections: usize,
+    seconds: u64,
+) -> Result<(Load, Option<(Load, Cost)>, (Load, Cost))> {
+    let direct = wrk(direct, connections, seconds, true)?;
+    let peer = match peer {
+        Some((tunnel, url)) => Some(
+            tunnel
+                .measure(async { wrk(url, connections, seconds, true) })
+                .await?,
+        ),
+        None => None,
+    };
+    let (tunnel, url) = tether;
+    let tether = tunnel
+        .measure(async { wrk(url, connections, seconds, false) })
+        .await?;
+    Ok((direct, peer, tether))
 }
 
 /// The benchmark's own client at `connections` concurrency for about
@@ -324,28 +482,41 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
 
     // Plain ws tunnel, plain internal port: wrk on both paths.
     let plain = tunnel(&setup, false, nginx.port).await?;
-    let through = format!("{}/tunnel/dev/api/v1/namespaces/default", plain.base);
+    let through_tether = format!("{}/tunnel/dev/api/v1/namespaces/default", plain.base);
+    let peer = match std::env::var_os(RATHOLE) {
+        Some(binary) => Some(rathole(&setup, Path::new(&binary), nginx.port).await?),
+        None => None,
+    };
+    let through_peer = peer
+        .as_ref()
+        .map(|p| format!("{}/api/v1/namespaces/default", p.base))
+        .unwrap_or_default();
     let mut runs = Vec::new();
     for _ in 0..2 {
+        let peer = peer.as_ref().map(|p| (p, through_peer.as_str()));
+        let tether = (&plain, through_tether.as_str());
+        let (direct_1, peer_1, tether_1) = side_by_side(&direct, peer, tether, 1, seconds).await?;
+        let (direct_64, peer_64, tether_64) =
+            side_by_side(&direct, peer, tether, 64, seconds).await?;
         runs.push(Run {
-            direct_1: wrk(&direct, 1, seconds, true)?,
-            tunnel_1: plain
-                .measure(async { wrk(&through, 1, seconds, false) })
-                .await?,
-            direct_64: wrk(&direct, 64, seconds, true)?,
-            tunnel_64: plain
-                .measure(async { wrk(&through, 64, seconds, false) })
-                .await?,
+            direct_1,
+            direct_64,
+            tether: Through {
+                c1: tether_1,
+                c64: tether_64,
+            },
+            peer: peer_1.zip(peer_64).map(|(c1, c64)| Through { c1, c64 }),
         });
     }
-    drop(plain);
+    drop((plain, peer));
     push_rows(
         rows,
         "external, plain ws",
         "wrk",
-        [runs[0], runs[1]],
-        ("100 µs", "0.6×"),
+        [&runs[0], &runs[1]].map(|r| (r.direct_1, r.direct_64, r.tether)),
+        Some(("100 µs", "0.6×")),
     );
+    push_peer_rows(rows, &runs);
 
     // wss+mTLS: the internal port wants ArgoCD's certificate.
     let secure = tunnel(&setup, true, nginx.port).await?;
@@ -353,16 +524,15 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     let through = format!("{}/tunnel/dev/api/v1/namespaces/default", secure.base);
     let mut runs = Vec::new();
     for _ in 0..2 {
-        runs.push(Run {
-            direct_1: own_client(&client, &direct, true, 1, seconds).await?,
-            tunnel_1: secure
-                .measure(own_client(&client, &through, false, 1, seconds))
-                .await?,
-            direct_64: own_client(&client, &direct, true, 64, seconds).await?,
-            tunnel_64: secure
-                .measure(own_client(&client, &through, false, 64, seconds))
-                .await?,
-        });
+        let direct_1 = own_client(&client, &direct, true, 1, seconds).await?;
+        let c1 = secure
+            .measure(own_client(&client, &through, false, 1, seconds))
+            .await?;
+        let direct_64 = own_client(&client, &direct, true, 64, seconds).await?;
+        let c64 = secure
+            .measure(own_client(&client, &through, false, 64, seconds))
+            .await?;
+        runs.push((direct_1, direct_64, Through { c1, c64 }));
     }
     drop(secure);
     push_rows(
@@ -370,7 +540,7 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         "external, wss+mTLS",
         "bench client",
         [runs[0], runs[1]],
-        ("150 µs", "0.45×"),
+        Some(("150 µs", "0.45×")),
     );
 
     // Is the bench client the bottleneck? Both clients against nginx.

@@ -178,9 +178,12 @@ def test_the_readability_check_knows_the_failing_case():
     assert secret_readable_by_pod(failing, {"secret": {"secretName": "x"}})
 
 
+def server_deployment(docs):
+    return next(d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "tether-server")
+
+
 def server_pod_labels(docs):
-    server = next(d for _, d in docs if d["kind"] == "Deployment" and d["metadata"]["name"] == "tether-server")
-    return server["spec"]["template"]["metadata"]["labels"]
+    return server_deployment(docs)["spec"]["template"]["metadata"]["labels"]
 
 
 def admitted(policy, port, source_namespace, source_labels, policy_namespace="tether-system"):
@@ -244,6 +247,19 @@ def test_servers_find_each_other_and_drain_within_their_grace_period():
     assert args["--health-addr"] == f":{health['containerPort']}"
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "health"}
     assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+
+
+def server_args(values):
+    return server_deployment(render(TETHER, values))["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_worker_threads_are_the_binary_default_unless_set():
+    assert not any(a.startswith("--worker-threads") for a in server_args(None))
+    assert "--worker-threads=1" in server_args({"server": {"workerThreads": 1}})
+    tether = helm.Chart.load(TETHER)
+    for bad in [0, "two"]:
+        with pytest.raises(helm.HelmValuesError):
+            tether.validate_schema({"server": {"workerThreads": bad}})
 
 
 def test_server_rbac_is_least_privilege():
