@@ -308,13 +308,19 @@ struct Through {
     c64: (Load, Cost),
 }
 
-/// One run of a setup: direct, through tether, and through the peer when
-/// there is one.
+/// One run of a setup: direct, and through one tunnel.
 #[derive(Clone, Copy)]
-struct Run {
+struct Compared {
     direct_1: Load,
     direct_64: Load,
-    tether: Through,
+    tunnel: Through,
+}
+
+/// One run of the plain ws setup: tether, and the peer (when there is
+/// one) against the same direct figures.
+#[derive(Clone, Copy)]
+struct Run {
+    tether: Compared,
     peer: Option<Through>,
 }
 
@@ -330,29 +336,26 @@ fn push_rows(
     rows: &mut Vec<Row>,
     setup_name: &str,
     client: &str,
-    runs: [(Load, Load, Through); 2],
+    runs: [Compared; 2],
     targets: Option<(&str, &str)>,
 ) {
     let [a, b] = runs;
-    let added = |(direct_1, _, through): (Load, Load, Through)| {
-        us(through.c1.0.p50.saturating_sub(direct_1.p50))
-    };
-    let ratio =
-        |(_, direct_64, through): (Load, Load, Through)| through.c64.0.rate / direct_64.rate;
+    let added = |run: Compared| us(run.tunnel.c1.0.p50.saturating_sub(run.direct_1.p50));
+    let ratio = |run: Compared| run.tunnel.c64.0.rate / run.direct_64.rate;
     let target = |pick: fn((&str, &str)) -> String| {
         targets.map_or_else(|| "reference, no target".to_owned(), pick)
     };
     rows.push(Row {
         name: format!("{setup_name}: GET 1 KiB c=1, {client}, two runs (p50 / p99)"),
-        direct: pair(a.0, b.0, latency_text),
-        tunnel: pair(a.2.c1.0, b.2.c1.0, latency_text),
+        direct: pair(a.direct_1, b.direct_1, latency_text),
+        tunnel: pair(a.tunnel.c1.0, b.tunnel.c1.0, latency_text),
         ratio: format!("+{} and +{} p50", added(a), added(b)),
         target: target(|t| format!("added p50 ≤ {}", t.0)),
     });
     rows.push(Row {
         name: format!("{setup_name}: GET 1 KiB c=64, {client}, two runs (req/s)"),
-        direct: pair(a.1, b.1, rate_text),
-        tunnel: pair(a.2.c64.0, b.2.c64.0, rate_text),
+        direct: pair(a.direct_64, b.direct_64, rate_text),
+        tunnel: pair(a.tunnel.c64.0, b.tunnel.c64.0, rate_text),
         ratio: format!("{:.2}× and {:.2}×", ratio(a), ratio(b)),
         target: target(|t| format!("≥ {} request rate", t.1)),
     });
@@ -363,10 +366,10 @@ fn push_rows(
         direct: "-".into(),
         tunnel: format!(
             "c=1: {}; {} · c=64: {}; {}",
-            cost_text(a.2.c1.1),
-            cost_text(b.2.c1.1),
-            cost_text(a.2.c64.1),
-            cost_text(b.2.c64.1)
+            cost_text(a.tunnel.c1.1),
+            cost_text(b.tunnel.c1.1),
+            cost_text(a.tunnel.c64.1),
+            cost_text(b.tunnel.c64.1)
         ),
         ratio: "-".into(),
         target: "-".into(),
@@ -375,8 +378,7 @@ fn push_rows(
 
 /// The peer's rows, and tether beside it in the same runs; a row saying
 /// why not when it did not run.
-fn push_peer_rows(rows: &mut Vec<Row>, runs: &[Run]) {
-    let [a, b] = runs else { return };
+fn push_peer_rows(rows: &mut Vec<Row>, [a, b]: [Run; 2]) {
     let (Some(peer_a), Some(peer_b)) = (a.peer, b.peer) else {
         rows.push(Row {
             name: "peer: rathole, plain TCP tunnel".into(),
@@ -392,13 +394,20 @@ fn push_peer_rows(rows: &mut Vec<Row>, runs: &[Run]) {
         "peer: rathole, plain TCP tunnel",
         "wrk",
         [
-            (a.direct_1, a.direct_64, peer_a),
-            (b.direct_1, b.direct_64, peer_b),
+            Compared {
+                tunnel: peer_a,
+                ..a.tether
+            },
+            Compared {
+                tunnel: peer_b,
+                ..b.tether
+            },
         ],
         None,
     );
-    let slower = |run: &Run, peer: Through| us(run.tether.c1.0.p50.saturating_sub(peer.c1.0.p50));
-    let share = |run: &Run, peer: Through| run.tether.c64.0.rate / peer.c64.0.rate;
+    let slower =
+        |run: Run, peer: Through| us(run.tether.tunnel.c1.0.p50.saturating_sub(peer.c1.0.p50));
+    let share = |run: Run, peer: Through| run.tether.tunnel.c64.0.rate / peer.c64.0.rate;
     rows.push(Row {
         name: "tether (plain ws) against rathole, the same runs: c=1 p50, c=64 req/s".into(),
         direct: "-".into(),
@@ -491,39 +500,41 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         .as_ref()
         .map(|p| format!("{}/api/v1/namespaces/default", p.base))
         .unwrap_or_default();
-    let mut runs = Vec::new();
-    for _ in 0..2 {
-        let peer = peer.as_ref().map(|p| (p, through_peer.as_str()));
-        let tether = (&plain, through_tether.as_str());
-        let (direct_1, peer_1, tether_1) = side_by_side(&direct, peer, tether, 1, seconds).await?;
+    let on_peer = peer.as_ref().map(|p| (p, through_peer.as_str()));
+    let on_tether = (&plain, through_tether.as_str());
+    let run = async || -> Result<Run> {
+        let (direct_1, peer_1, tether_1) =
+            side_by_side(&direct, on_peer, on_tether, 1, seconds).await?;
         let (direct_64, peer_64, tether_64) =
-            side_by_side(&direct, peer, tether, 64, seconds).await?;
-        runs.push(Run {
-            direct_1,
-            direct_64,
-            tether: Through {
-                c1: tether_1,
-                c64: tether_64,
+            side_by_side(&direct, on_peer, on_tether, 64, seconds).await?;
+        Ok(Run {
+            tether: Compared {
+                direct_1,
+                direct_64,
+                tunnel: Through {
+                    c1: tether_1,
+                    c64: tether_64,
+                },
             },
             peer: peer_1.zip(peer_64).map(|(c1, c64)| Through { c1, c64 }),
-        });
-    }
+        })
+    };
+    let runs = [run().await?, run().await?];
     drop((plain, peer));
     push_rows(
         rows,
         "external, plain ws",
         "wrk",
-        [&runs[0], &runs[1]].map(|r| (r.direct_1, r.direct_64, r.tether)),
+        runs.map(|r| r.tether),
         Some(("100 µs", "0.6×")),
     );
-    push_peer_rows(rows, &runs);
+    push_peer_rows(rows, runs);
 
     // wss+mTLS: the internal port wants ArgoCD's certificate.
     let secure = tunnel(&setup, true, nginx.port).await?;
     let client = setup.client(true)?;
     let through = format!("{}/tunnel/dev/api/v1/namespaces/default", secure.base);
-    let mut runs = Vec::new();
-    for _ in 0..2 {
+    let run = async || -> Result<Compared> {
         let direct_1 = own_client(&client, &direct, true, 1, seconds).await?;
         let c1 = secure
             .measure(own_client(&client, &through, false, 1, seconds))
@@ -532,14 +543,19 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
         let c64 = secure
             .measure(own_client(&client, &through, false, 64, seconds))
             .await?;
-        runs.push((direct_1, direct_64, Through { c1, c64 }));
-    }
+        Ok(Compared {
+            direct_1,
+            direct_64,
+            tunnel: Through { c1, c64 },
+        })
+    };
+    let runs = [run().await?, run().await?];
     drop(secure);
     push_rows(
         rows,
         "external, wss+mTLS",
         "bench client",
-        [runs[0], runs[1]],
+        runs,
         Some(("150 µs", "0.45×")),
     );
 
