@@ -124,7 +124,7 @@ async fn watches_stream_without_stalls() {
         .expect("in time")
         .expect("read");
     assert_eq!(body.lines().filter(|l| l.starts_with('{')).count(), 3);
-    eventually(|| buffered_bytes(&env) == 0, "nothing left buffered").await;
+    eventually(async || buffered_bytes(&env) == 0, "nothing left buffered").await;
 }
 
 /// An upgraded connection whose client finished sending (half-close) still
@@ -216,7 +216,7 @@ async fn nothing_leaks_after_many_short_and_cancelled_requests() {
     drop(cancelled);
     let expected = "tunnel_active_connections{cluster=\"dev\"} 0";
     eventually(
-        || env.server().metrics_text().contains(expected),
+        async || env.server().metrics_text().contains(expected),
         "every stream released",
     )
     .await;

@@ -97,22 +97,14 @@ async fn a_rotated_service_account_token_is_followed() {
     // The agent reads its token again once the one in hand is a second
     // old: within that second the old token (still valid in a real
     // cluster) is used.
-    let answer_once_followed = |expected: StatusCode| {
-        let (client, url) = (&client, &url);
-        async move {
-            let deadline = tokio::time::Instant::now() + WAIT;
-            loop {
-                let answer = client.get(url).await;
-                if answer.status == expected || tokio::time::Instant::now() > deadline {
-                    return answer;
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
     // Rotate: the backend now only accepts the new token.
     std::fs::write(&env.sa_token, "agent-sa-token-2").expect("rotate");
-    let answer = answer_once_followed(StatusCode::OK).await;
+    eventually(
+        async || client.get(&url).await.status == StatusCode::OK,
+        "the rotated token is used",
+    )
+    .await;
+    let answer = client.get(&url).await;
     assert_eq!(
         answer.status,
         StatusCode::OK,
@@ -121,7 +113,12 @@ async fn a_rotated_service_account_token_is_followed() {
     );
     // An unreadable token is a clear error, not a forwarded anonymous request.
     std::fs::remove_file(&env.sa_token).expect("remove");
-    let answer = answer_once_followed(StatusCode::BAD_GATEWAY).await;
+    eventually(
+        async || client.get(&url).await.status == StatusCode::BAD_GATEWAY,
+        "the removed token is noticed",
+    )
+    .await;
+    let answer = client.get(&url).await;
     assert_eq!(answer.status, StatusCode::BAD_GATEWAY);
     assert!(
         answer
@@ -137,7 +134,7 @@ async fn wrong_agent_tokens_are_refused_and_counted() {
     let env = Env::start(Security::Tls).await;
     let _bad = env.agent("dev", "not-the-token", &[]).await;
     eventually(
-        || {
+        async || {
             env.server()
                 .metrics_text()
                 .contains("auth_failures_total{endpoint=\"connect\",reason=\"token\"}")
@@ -353,7 +350,7 @@ async fn agent_reconnects_after_the_server_restarts() {
     let mut env = Env::start(Security::Tls).await;
     let agent = env.connected_agent().await;
     env.stop_server().await;
-    eventually(|| !agent.is_connected(), "agent notices").await;
+    eventually(async || !agent.is_connected(), "agent notices").await;
     env.start_server().await;
     env.wait_connected("dev").await;
     let answer = env
@@ -371,7 +368,7 @@ async fn a_new_session_replaces_the_old_and_survives_its_teardown() {
     let mut args = env.agent_args("dev", "dev-token", &[]);
     args.max_retry = Duration::from_secs(30);
     let second = Agent::start(args).await.expect("second agent");
-    eventually(|| second.is_connected(), "second agent connects").await;
+    eventually(async || second.is_connected(), "second agent connects").await;
     // The first session was replaced; its teardown must not unregister the
     // second. The first agent's own reconnect would replace it again, so
     // stop it before it retries.
@@ -413,8 +410,12 @@ async fn cluster_file_changes_apply_live() {
     assert!(env.server().is_connected("dev") && env.server().is_connected("prod"));
 
     env.set_clusters(&[("prod", "prod-token")]);
-    eventually(|| !env.server().is_connected("dev"), "dev's session closed").await;
-    eventually(|| !dev.is_connected(), "dev agent sees the close").await;
+    eventually(
+        async || !env.server().is_connected("dev"),
+        "dev's session closed",
+    )
+    .await;
+    eventually(async || !dev.is_connected(), "dev agent sees the close").await;
     let answer = env
         .argocd()
         .get(&format!("{}/tunnel/dev/version", env.internal_url()))
@@ -641,7 +642,7 @@ async fn streams_are_released_after_requests_and_cancellations() {
         drop(tcp);
     }
     eventually(
-        || {
+        async || {
             env.server()
                 .metrics_text()
                 .contains("tunnel_active_connections{cluster=\"dev\"} 0")
@@ -734,17 +735,11 @@ async fn server_certificates_reload_from_disk() {
             Duration::from_secs(600),
         ),
     );
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if presented().await != before {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "new certificate never served"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        async || presented().await != before,
+        "the new certificate is served",
+    )
+    .await;
 }
 
 /// Real `kubectl exec -i` (WebSocket, v5.channel.k8s.io) and `kubectl logs
@@ -801,7 +796,7 @@ async fn certificate_identity_must_match_the_token() {
     args.max_retry = Duration::from_secs(30);
     let crossed = Agent::start(args).await.expect("agent");
     eventually(
-        || {
+        async || {
             let metrics = env.server().metrics_text();
             metrics.contains("tunnel_identity_mismatch_total 1")
                 && metrics.contains("auth_failures_total{endpoint=\"connect\",reason=\"identity\"}")
@@ -892,7 +887,7 @@ async fn a_stalled_failing_cluster_never_shows_on_another() {
         .await
         .expect("write");
     eventually(
-        || {
+        async || {
             env.server()
                 .metrics_text()
                 .contains("tunnel_active_connections{cluster=\"a\"} 1")

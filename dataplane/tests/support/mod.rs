@@ -303,7 +303,11 @@ impl Env {
     }
 
     pub async fn wait_connected(&self, cluster: &str) {
-        eventually(|| self.server().is_connected(cluster), "agent connects").await;
+        eventually(
+            async || self.server().is_connected(cluster),
+            "agent connects",
+        )
+        .await;
     }
 
     /// The server's metrics (its own port, plain HTTP in tests).
@@ -345,9 +349,9 @@ impl Env {
 }
 
 /// Polls `condition` until it holds, or panics naming `what`.
-pub async fn eventually(mut condition: impl FnMut() -> bool, what: &str) {
+pub async fn eventually(mut condition: impl AsyncFnMut() -> bool, what: &str) {
     let deadline = tokio::time::Instant::now() + WAIT;
-    while !condition() {
+    while !condition().await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "timed out waiting: {what}"
