@@ -159,13 +159,18 @@ fn parse_wrk_duration(text: &str) -> Option<Duration> {
     Some(Duration::from_secs_f64(seconds))
 }
 
+/// What every request asks nginx for (1 KiB), directly or through a
+/// tunnel.
+const PATH: &str = "/api/v1/namespaces/default";
+
 /// A tunnel's two processes in front of nginx: the management side
 /// (tether-server, or rathole's server) and the customer side
-/// (tether-agent, or rathole's client).
+/// (tether-agent, or rathole's client), and the URL that reaches `PATH`
+/// through them.
 struct Tunnel {
     server: Process,
     agent: Process,
-    base: String,
+    url: String,
 }
 
 /// CPU time per request of a tunnel's two processes over a run: all of
@@ -177,8 +182,8 @@ struct Cost {
 }
 
 impl Tunnel {
-    /// Runs `load` through the tunnel: what it measured and what each
-    /// tether process spent per request.
+    /// Runs `load` through the tunnel: what it measured and what each of
+    /// the tunnel's processes spent per request.
     async fn measure(&self, load: impl Future<Output = Result<Load>>) -> Result<(Load, Cost)> {
         let before = (self.server.cpu_times(), self.agent.cpu_times());
         let load = load.await?;
@@ -211,13 +216,9 @@ async fn tunnel(setup: &Setup, tls: bool, nginx: u16) -> Result<Tunnel> {
     let server = Process::tether("tether-server", &server_args)?;
     let agent = Process::tether("tether-agent", &setup.agent_args(tls, public, backend))?;
     let scheme = if tls { "https" } else { "http" };
-    let base = format!("{scheme}://localhost:{internal}");
+    let url = format!("{scheme}://localhost:{internal}/tunnel/dev{PATH}");
     crate::streams::wait_ready(&setup.client(tls)?, &crate::streams::metrics_url(metrics)).await?;
-    Ok(Tunnel {
-        server,
-        agent,
-        base,
-    })
+    Ok(Tunnel { server, agent, url })
 }
 
 /// Names the rathole binary that the plain ws runs compare against.
@@ -257,11 +258,10 @@ async fn rathole(setup: &Setup, binary: &Path, nginx: u16) -> Result<Tunnel> {
              [client.services.api]\ntoken = \"{token}\"\nlocal_addr = \"127.0.0.1:{nginx}\"\n"
         ),
     )?;
-    let base = format!("https://localhost:{visitor}");
+    let url = format!("https://localhost:{visitor}{PATH}");
     // Ready once a request reaches nginx through it.
     let client = setup.client(true)?;
     let auth = format!("Bearer {SA_TOKEN}");
-    let url = format!("{base}/api/v1/namespaces/default");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let answered = client
@@ -282,11 +282,7 @@ async fn rathole(setup: &Setup, binary: &Path, nginx: u16) -> Result<Tunnel> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok(Tunnel {
-        server,
-        agent,
-        base,
-    })
+    Ok(Tunnel { server, agent, url })
 }
 
 fn pair(a: Load, b: Load, show: impl Fn(Load) -> String) -> String {
@@ -424,27 +420,24 @@ fn push_peer_rows(rows: &mut Vec<Row>, [a, b]: [Run; 2]) {
 }
 
 /// wrk at `connections` against nginx directly, through the peer (when
-/// there is one) and through tether, back to back: each tunnel with a
-/// URL on it.
+/// there is one) and through tether, back to back.
 async fn side_by_side(
     direct: &str,
-    peer: Option<(&Tunnel, &str)>,
-    tether: (&Tunnel, &str),
+    peer: Option<&Tunnel>,
+    tether: &Tunnel,
     connections: usize,
     seconds: u64,
 ) -> Result<(Load, Option<(Load, Cost)>, (Load, Cost))> {
     let direct = wrk(direct, connections, seconds, true)?;
     let peer = match peer {
-        Some((tunnel, url)) => Some(
-            tunnel
-                .measure(async { wrk(url, connections, seconds, true) })
+        Some(peer) => Some(
+            peer.measure(async { wrk(&peer.url, connections, seconds, true) })
                 .await?,
         ),
         None => None,
     };
-    let (tunnel, url) = tether;
-    let tether = tunnel
-        .measure(async { wrk(url, connections, seconds, false) })
+    let tether = tether
+        .measure(async { wrk(&tether.url, connections, seconds, false) })
         .await?;
     Ok((direct, peer, tether))
 }
@@ -487,26 +480,19 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     let seconds = if quick { 1 } else { 5 };
     let setup = Setup::new()?;
     let nginx = Nginx::start(&setup)?;
-    let direct = format!("https://localhost:{}/api/v1/namespaces/default", nginx.port);
+    let direct = format!("https://localhost:{}{PATH}", nginx.port);
 
     // Plain ws tunnel, plain internal port: wrk on both paths.
     let plain = tunnel(&setup, false, nginx.port).await?;
-    let through_tether = format!("{}/tunnel/dev/api/v1/namespaces/default", plain.base);
     let peer = match std::env::var_os(RATHOLE) {
         Some(binary) => Some(rathole(&setup, Path::new(&binary), nginx.port).await?),
         None => None,
     };
-    let through_peer = peer
-        .as_ref()
-        .map(|p| format!("{}/api/v1/namespaces/default", p.base))
-        .unwrap_or_default();
-    let on_peer = peer.as_ref().map(|p| (p, through_peer.as_str()));
-    let on_tether = (&plain, through_tether.as_str());
     let run = async || -> Result<Run> {
         let (direct_1, peer_1, tether_1) =
-            side_by_side(&direct, on_peer, on_tether, 1, seconds).await?;
+            side_by_side(&direct, peer.as_ref(), &plain, 1, seconds).await?;
         let (direct_64, peer_64, tether_64) =
-            side_by_side(&direct, on_peer, on_tether, 64, seconds).await?;
+            side_by_side(&direct, peer.as_ref(), &plain, 64, seconds).await?;
         Ok(Run {
             tether: Compared {
                 direct_1,
@@ -533,15 +519,14 @@ pub async fn rows(rows: &mut Vec<Row>, quick: bool) -> Result<()> {
     // wss+mTLS: the internal port wants ArgoCD's certificate.
     let secure = tunnel(&setup, true, nginx.port).await?;
     let client = setup.client(true)?;
-    let through = format!("{}/tunnel/dev/api/v1/namespaces/default", secure.base);
     let run = async || -> Result<Compared> {
         let direct_1 = own_client(&client, &direct, true, 1, seconds).await?;
         let c1 = secure
-            .measure(own_client(&client, &through, false, 1, seconds))
+            .measure(own_client(&client, &secure.url, false, 1, seconds))
             .await?;
         let direct_64 = own_client(&client, &direct, true, 64, seconds).await?;
         let c64 = secure
-            .measure(own_client(&client, &through, false, 64, seconds))
+            .measure(own_client(&client, &secure.url, false, 64, seconds))
             .await?;
         Ok(Compared {
             direct_1,
