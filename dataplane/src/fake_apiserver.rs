@@ -34,6 +34,8 @@ pub struct SeenRequest {
     pub headers: HeaderMap,
     /// Whether the bearer token was the expected one.
     pub authorized: bool,
+    /// The client's address: requests on one connection share it.
+    pub remote: SocketAddr,
 }
 
 struct State {
@@ -78,11 +80,12 @@ impl FakeApiServer {
             reviewed: Mutex::new(Vec::new()),
         });
         let service_state = state.clone();
-        let make = move |_conn| {
+        let make = move |conn: Arc<listen::ConnInfo>| {
             let state = service_state.clone();
             hyper::service::service_fn(move |request| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(&state, request).await) }
+                let remote = conn.remote;
+                async move { Ok::<_, Infallible>(handle(&state, remote, request).await) }
             })
         };
         tokio::spawn(listen::serve(
@@ -188,7 +191,7 @@ fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
         .map(|(_, value)| value)
 }
 
-async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
+async fn handle(state: &State, remote: SocketAddr, request: Request<Incoming>) -> Response<Body> {
     let expected = std::fs::read_to_string(&state.token_file).unwrap_or_default();
     let presented = crate::http::bearer_token(request.headers());
     let authorized = !expected.trim().is_empty() && presented == Some(expected.trim());
@@ -204,6 +207,7 @@ async fn handle(state: &State, request: Request<Incoming>) -> Response<Body> {
             path_and_query: path_and_query.clone(),
             headers: headers.clone(),
             authorized,
+            remote,
         });
     }
     if !authorized {

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod metrics_port;
 pub mod mux;
 pub mod pki;
+pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod tls;

@@ -952,4 +952,11 @@ async fn sequential_requests_reuse_one_stream() {
         seen.iter().all(|r| r.authorized),
         "every request has the token"
     );
+    // The agent keeps its TLS connection to the API server too.
+    let connections: std::collections::HashSet<_> = seen.iter().map(|r| r.remote).collect();
+    assert_eq!(
+        connections.len(),
+        1,
+        "one upstream connection: {connections:?}"
+    );
 }

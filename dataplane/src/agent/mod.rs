@@ -186,6 +186,8 @@ impl AgentArgs {
 pub enum AgentError {
     #[error("--server {0:?} is not a ws:// or wss:// URL")]
     BadServerUrl(String),
+    #[error("--target {0:?} is not a host:port")]
+    BadTarget(String),
     #[error("refusing plaintext ws:// to the server; pass --allow-insecure-server to allow it")]
     PlaintextServer,
     #[error("no agent token: pass --token or --token-file")]

@@ -10,16 +10,18 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client;
+use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder, MaybeHttpsStream};
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tower::Service;
 use tracing::{debug, warn};
 
 use super::{AgentArgs, AgentError, AgentMetrics};
 use crate::forward;
-use crate::http::{Body, kube_status};
+use crate::http::{Body, BoxError, kube_status};
 use crate::mux::IncomingStream;
+use crate::pool::{Pool, RequestError};
 use crate::tls;
 
 /// The agent's own `Authorization` value. Projected tokens are rotated on
@@ -80,12 +82,19 @@ impl ServiceAccountToken {
     }
 }
 
+/// Idle connections kept to the API server: each holds a TLS session on
+/// both ends, and the tunnel's streams bound how many requests are in
+/// flight at once.
+const MAX_IDLE_UPSTREAM: usize = 256;
+
 pub(super) struct Upstream {
     target: String,
-    base: String,
+    /// `scheme://target`, what the connector dials.
+    base: Uri,
     sa_token: ServiceAccountToken,
-    /// Pooled keep-alive connections to the target: no TLS handshake per request.
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    connector: HttpsConnector<HttpConnector>,
+    /// Keep-alive connections to the target: no TLS handshake per request.
+    pool: Arc<Pool>,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -107,15 +116,36 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
         let scheme = if args.plain_target { "http" } else { "https" };
+        let base = Uri::try_from(format!("{scheme}://{}/", args.target))
+            .map_err(|_| AgentError::BadTarget(args.target.clone()))?;
         Ok(Self {
             target: args.target.clone(),
-            base: format!("{scheme}://{}", args.target),
+            base,
             sa_token: ServiceAccountToken::new(args.sa_token_path.clone()),
-            client,
+            connector,
+            pool: Arc::new(Pool::new(MAX_IDLE_UPSTREAM)),
             metrics,
         })
+    }
+
+    /// A new connection to the API server (TLS unless `--plain-target`).
+    async fn connect(&self) -> Result<MaybeHttpsStream<TokioIo<TcpStream>>, BoxError> {
+        let mut connector = self.connector.clone();
+        match std::future::poll_fn(|cx| connector.poll_ready(cx)).await {
+            Ok(()) => connector.call(self.base.clone()).await,
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Sends `request` (its URI in origin form) to the API server on an
+    /// idle connection, else a new one.
+    async fn send(&self, request: Request<Body>) -> Result<Response<Body>, String> {
+        match self.pool.request(request, || self.connect()).await {
+            Ok(response) => Ok(response),
+            Err(RequestError::Connect(err, _)) => Err(crate::http::error_chain(&*err)),
+            Err(RequestError::Failed(err)) => Err(crate::http::error_chain(&err)),
+        }
     }
 
     pub(super) async fn serve(self: Arc<Self>, incoming: IncomingStream) {
@@ -160,7 +190,8 @@ impl Upstream {
         let bearer = self.sa_token.bearer()?;
         let mut request = Request::builder()
             .method(method)
-            .uri(format!("{}{path}", self.base))
+            .uri(path)
+            .header(header::HOST, self.target.as_str())
             .header(header::AUTHORIZATION, bearer)
             .header(header::ACCEPT, "application/json");
         if body.is_some() {
@@ -172,17 +203,14 @@ impl Upstream {
                 None => crate::http::empty(),
             })
             .map_err(|err| err.to_string())?;
-        let response = self
-            .client
-            .request(request)
-            .await
-            .map_err(|err| err.to_string())?;
+        let response = self.send(request).await?;
         let status = response.status();
-        let body = http_body_util::Limited::new(response.into_body(), 1 << 20)
-            .collect()
-            .await
-            .map_err(|err| err.to_string())?
-            .to_bytes();
+        let body = http_body_util::Limited::new(response.into_body(), 1 << 20);
+        // Boxed as `Send` here: through `Limited`'s `Into<BoxError>` bound
+        // rustc cannot prove the caller's future `Send` (rust-lang/rust#102211).
+        let collecting: std::pin::Pin<Box<dyn Future<Output = _> + Send>> =
+            Box::pin(body.collect());
+        let body = collecting.await.map_err(|err| err.to_string())?.to_bytes();
         Ok((status, body))
     }
 
@@ -197,30 +225,20 @@ impl Upstream {
         };
         // Impersonation was already allowed or stripped by tether-server.
         let prepared = forward::prepare(&mut request, true);
-        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let uri = match Uri::try_from(format!("{}{}", self.base, path_and_query)) {
-            Ok(uri) => uri,
-            Err(_) => {
-                return kube_status(
-                    StatusCode::BAD_REQUEST,
-                    "BadRequest",
-                    "malformed request path",
-                );
-            }
-        };
         let (mut parts, body) = request.into_parts();
-        parts.uri = uri;
+        // Origin form, as the connection to the API server is already made.
+        parts.uri = match parts.uri.path_and_query() {
+            Some(path_and_query) => Uri::from(path_and_query.clone()),
+            None => Uri::from_static("/"),
+        };
         parts.version = http::Version::HTTP_11;
         parts.headers.insert(header::AUTHORIZATION, bearer);
         if let Ok(host) = HeaderValue::from_str(&self.target) {
             parts.headers.insert(header::HOST, host);
         }
         let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed());
-        match self.client.request(outgoing).await {
-            Ok(response) => {
-                let (parts, body) = response.into_parts();
-                forward::relay(prepared, Response::from_parts(parts, body), &self.target)
-            }
+        match self.send(outgoing).await {
+            Ok(response) => forward::relay(prepared, response, &self.target),
             Err(err) => {
                 self.count_error();
                 warn!(target = %self.target, error = %err, "API server request failed");

@@ -11,12 +11,13 @@ use tracing::{info, warn};
 use super::ServerState;
 use super::kubernetes::ConnectionEvent;
 use super::peers::{REPLICA_HEADER, REPLICAS_HEADER};
-use super::registry::Tunnel;
+use super::registry::{self, Tunnel};
 use crate::clusters::Cluster;
 use crate::credentials::Message;
 use crate::http::{Body, bearer_token, text};
 use crate::listen::ConnInfo;
 use crate::mux::{Role, Session, SessionConfig};
+use crate::pool::Pool;
 use crate::websocket::{self, AGENT_INSTANCE_HEADER, AGENT_VERSION_HEADER};
 
 /// Counts a refused authentication, by why (`token`: missing or unknown;
@@ -164,7 +165,7 @@ pub(super) async fn connect(
                 token_sha256,
                 instance,
                 certificate: certificate.clone(),
-                streams: Default::default(),
+                streams: Arc::new(Pool::new(registry::MAX_IDLE_STREAMS)),
             },
         );
         if let Some(cluster) = state.clusters().get(&cluster_id) {

@@ -10,7 +10,6 @@ mod proxy;
 mod ratelimit;
 pub mod registry;
 pub mod signing;
-mod streams;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -11,17 +11,18 @@ use http::{Request, Response, StatusCode, Uri, Version as HttpVersion};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Body as _;
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
 use super::ServerState;
 use super::metrics::UNKNOWN_CLUSTER;
 use super::peers::FORWARDED_HEADER;
-use super::streams::SendError;
 use crate::clusters::Cluster;
 use crate::forward;
 use crate::http::{Body, kube_status};
 use crate::listen::ConnInfo;
 use crate::mux::OpenError;
+use crate::pool::RequestError;
 
 pub(crate) type BoxFuture = Pin<Box<dyn Future<Output = Response<Body>> + Send>>;
 
@@ -213,7 +214,7 @@ async fn dispatch(
             }
             (None, Some(tunnel)) => {
                 tried_local = true;
-                send(&cluster.target_addr, &tunnel, outgoing, label).await
+                send(&cluster.target_addr, &tunnel, outgoing).await
             }
             (None, None) => {
                 return refusal.unwrap_or_else(|| {
@@ -233,26 +234,20 @@ async fn dispatch(
     }
 }
 
-async fn send(
-    target: &str,
-    tunnel: &super::registry::Tunnel,
-    mut outgoing: Request<Body>,
-    label: &str,
-) -> Hop {
+/// Carries the request on an idle stream of the session, else a new one.
+async fn send(target: &str, tunnel: &super::registry::Tunnel, mut outgoing: Request<Body>) -> Hop {
     if let Ok(host) = HeaderValue::from_str(target) {
         outgoing.headers_mut().insert(header::HOST, host);
     }
-    match tunnel
-        .streams
-        .send(&tunnel.session, target, outgoing, label)
-        .await
-    {
+    let session = &tunnel.session;
+    let open = || async move { session.open(target).await.map(TokioIo::new) };
+    match tunnel.streams.request(outgoing, open).await {
         Ok(response) => Hop::Answered(response),
-        Err(SendError::Open(err @ (OpenError::Draining | OpenError::Closed), outgoing)) => {
+        Err(RequestError::Connect(err @ (OpenError::Draining | OpenError::Closed), outgoing)) => {
             Hop::Unserved(Box::new((*outgoing, open_failure(err))))
         }
-        Err(SendError::Open(err, _)) => Hop::Failed(open_failure(err)),
-        Err(SendError::Failed(err)) => Hop::Failed(tunnel_failure(&err)),
+        Err(RequestError::Connect(err, _)) => Hop::Failed(open_failure(err)),
+        Err(RequestError::Failed(err)) => Hop::Failed(tunnel_failure(&err)),
     }
 }
 

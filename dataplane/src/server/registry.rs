@@ -27,8 +27,12 @@ pub struct Tunnel {
     /// The client certificate the agent presented (mTLS).
     pub certificate: Option<crate::pki::CertInfo>,
     /// Idle HTTP/1.1 connections over this session's streams.
-    pub streams: std::sync::Arc<super::streams::StreamPool>,
+    pub streams: std::sync::Arc<crate::pool::Pool>,
 }
+
+/// Idle streams kept per session: ArgoCD's concurrency to one cluster
+/// rarely exceeds it, and each idle stream holds buffers on both ends.
+pub const MAX_IDLE_STREAMS: usize = 64;
 
 #[derive(Default)]
 pub struct Registry {
@@ -204,7 +208,7 @@ mod tests {
             token_sha256: crate::clusters::token_sha256("t"),
             instance: None,
             certificate: None,
-            streams: Default::default(),
+            streams: std::sync::Arc::new(crate::pool::Pool::new(MAX_IDLE_STREAMS)),
         }
     }
 
