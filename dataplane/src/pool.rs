@@ -20,6 +20,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http::{Request, Response, StatusCode};
 use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
@@ -69,15 +70,16 @@ impl Connection {
     }
 
     /// Runs the protocol as far as it can go now; an error here also
-    /// reaches the response or its body, which report it.
-    fn drive(&mut self, cx: &mut Context<'_>) {
-        if let Some(driver) = &mut self.driver
-            && let Poll::Ready(ended) = driver.get_mut().as_mut().poll(cx)
+    /// reaches the response or its body, which report it. Takes the field,
+    /// not `self`, so the connection's own waker can be borrowed beside it.
+    fn drive(driver: &mut Option<SyncWrapper<Driver>>, cx: &mut Context<'_>) {
+        if let Some(running) = driver
+            && let Poll::Ready(ended) = running.get_mut().as_mut().poll(cx)
         {
             if let Err(err) = ended {
                 debug!(error = %err, "HTTP/1.1 connection ended with an error");
             }
-            self.driver = None;
+            *driver = None;
         }
     }
 
@@ -89,12 +91,11 @@ impl Connection {
         cx: &mut Context<'_>,
         mut what: impl FnMut(&mut SendRequest<Body>, &mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        self.waker.set_task(cx.waker());
-        let inner_waker = self.inner_waker.clone();
-        let mut inner = Context::from_waker(&inner_waker);
+        self.waker.task.register(cx.waker());
+        let mut inner = Context::from_waker(&self.inner_waker);
         for _ in 0..DRIVEN_ROUNDS {
             self.waker.state.store(POLLING, Ordering::SeqCst);
-            self.drive(&mut inner);
+            Self::drive(&mut self.driver, &mut inner);
             let polled = what(&mut self.sender, &mut inner);
             let woken = self.waker.state.swap(IDLE, Ordering::SeqCst) == WOKEN;
             if polled.is_ready() || !woken {
@@ -115,7 +116,7 @@ impl Connection {
     async fn ready(&mut self) -> hyper::Result<()> {
         poll_fn(|cx| {
             let mut quiet = Context::from_waker(Waker::noop());
-            self.drive(&mut quiet);
+            Self::drive(&mut self.driver, &mut quiet);
             match self.sender.poll_ready(&mut quiet) {
                 Poll::Ready(ready) => Poll::Ready(ready),
                 Poll::Pending => self.poll_driven(cx, |sender, inner| sender.poll_ready(inner)),
@@ -152,16 +153,7 @@ const WOKEN: u8 = 2;
 #[derive(Default)]
 struct InnerWaker {
     state: AtomicU8,
-    task: Mutex<Option<Waker>>,
-}
-
-impl InnerWaker {
-    fn set_task(&self, waker: &Waker) {
-        let mut task = self.task.lock().unwrap_or_else(|p| p.into_inner());
-        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
-            *task = Some(waker.clone());
-        }
-    }
+    task: AtomicWaker,
 }
 
 impl Wake for InnerWaker {
@@ -175,12 +167,7 @@ impl Wake for InnerWaker {
             .compare_exchange(POLLING, WOKEN, Ordering::SeqCst, Ordering::SeqCst)
         {
             Ok(_) | Err(WOKEN) => {}
-            Err(_) => {
-                let task = self.task.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(task) = task.as_ref() {
-                    task.wake_by_ref();
-                }
-            }
+            Err(_) => self.task.wake(),
         }
     }
 }

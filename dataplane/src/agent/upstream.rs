@@ -91,6 +91,8 @@ pub(super) struct Upstream {
     target: String,
     /// `scheme://target`, what the connector dials.
     base: Uri,
+    /// The `Host` of every request: the target.
+    host: HeaderValue,
     sa_token: ServiceAccountToken,
     connector: HttpsConnector<HttpConnector>,
     /// Keep-alive connections to the target: no TLS handshake per request.
@@ -119,9 +121,12 @@ impl Upstream {
         let scheme = if args.plain_target { "http" } else { "https" };
         let base = Uri::try_from(format!("{scheme}://{}/", args.target))
             .map_err(|_| AgentError::BadTarget(args.target.clone()))?;
+        let host = HeaderValue::from_str(&args.target)
+            .map_err(|_| AgentError::BadTarget(args.target.clone()))?;
         Ok(Self {
             target: args.target.clone(),
             base,
+            host,
             sa_token: ServiceAccountToken::new(args.sa_token_path.clone()),
             connector,
             pool: Arc::new(Pool::new(MAX_IDLE_UPSTREAM)),
@@ -191,7 +196,7 @@ impl Upstream {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header(header::HOST, self.target.as_str())
+            .header(header::HOST, self.host.clone())
             .header(header::AUTHORIZATION, bearer)
             .header(header::ACCEPT, "application/json");
         if body.is_some() {
@@ -233,9 +238,7 @@ impl Upstream {
         };
         parts.version = http::Version::HTTP_11;
         parts.headers.insert(header::AUTHORIZATION, bearer);
-        if let Ok(host) = HeaderValue::from_str(&self.target) {
-            parts.headers.insert(header::HOST, host);
-        }
+        parts.headers.insert(header::HOST, self.host.clone());
         let outgoing = Request::from_parts(parts, body.map_err(Into::into).boxed());
         match self.send(outgoing).await {
             Ok(response) => forward::relay(prepared, response, &self.target),
