@@ -17,6 +17,8 @@ pub mod pki;
 pub mod pool;
 pub mod protocol;
 pub mod server;
+#[cfg(test)]
+mod test_support;
 pub mod tls;
 pub mod websocket;
 

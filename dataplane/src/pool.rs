@@ -368,6 +368,7 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
+    use crate::test_support::CountingWaker;
 
     /// A hyper server at the other end of every connection the pool makes.
     #[derive(Default)]
@@ -538,16 +539,6 @@ mod tests {
         assert_eq!(pool.idle(), 0);
     }
 
-    /// Counts wakes of the task reading the body.
-    #[derive(Default)]
-    struct CountingWaker(AtomicUsize);
-
-    impl Wake for CountingWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
-
     /// Taking a chunk frees the driver, which waited for room in the body:
     /// that must not wake the task from inside its own poll.
     #[tokio::test]
@@ -566,7 +557,7 @@ mod tests {
                 Poll::Ready(None) => break,
                 other => panic!("body not ready at once: {:?}", other.map(|_| ())),
             }
-            assert_eq!(counter.0.load(Ordering::SeqCst), 0, "woken by its own poll");
+            assert_eq!(counter.wakes(), 0, "woken by its own poll");
         }
         assert_eq!(read.concat(), b"onetwo");
     }

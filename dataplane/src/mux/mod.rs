@@ -853,7 +853,10 @@ async fn write_loop<S>(
             sink.flush().await.map(|()| (data_frames, data_bytes))
         };
         match tokio::time::timeout(write_timeout, batch).await {
-            Ok(Ok((frames, bytes))) => small_and_busy = frames > 1 && bytes / frames < SMALL_FRAME,
+            Ok(Ok((frames, bytes))) => {
+                small_and_busy = frames > 1 && bytes / frames < SMALL_FRAME;
+                forget_socket_waker(&mut sink);
+            }
             Ok(Err(err)) => return shared.close(&format!("write failed: {err}")),
             Err(_) => {
                 return shared.close(&format!("write stalled for {write_timeout:?}"));
@@ -871,6 +874,29 @@ async fn write_loop<S>(
     let _ = tokio::time::timeout(Duration::from_secs(1), farewell).await;
 }
 
+/// Leaves a no-op waker where the writer's was, once everything is flushed.
+///
+/// tokio-tungstenite wakes the task that last flushed whenever the socket
+/// turns readable (its waker proxy wakes readers and writers alike: a TLS or
+/// WebSocket read may have to write, and the reverse). A writer that has
+/// flushed everything waits on its queues, not on the socket, so that wake
+/// only runs it for nothing; and on a multi-thread runtime, the reader and
+/// the writer woken together by one readable socket are two runnable tasks,
+/// for which tokio wakes a second worker thread: a futex call and two
+/// context switches per frame received. A flush that finds nothing to write
+/// only registers the waker it is given, and the next write that has to wait
+/// for the socket registers the writer's own again.
+fn forget_socket_waker<S>(sink: &mut SplitSink<WebSocketStream<S>, Message>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut no_op = std::task::Context::from_waker(std::task::Waker::noop());
+    // Ready, Pending (the reader holds the socket, or a pong it queued has to
+    // wait) and errors all leave the writer as it was; the next write sees an
+    // error again.
+    let _ = futures_util::Sink::poll_flush(std::pin::Pin::new(sink), &mut no_op);
+}
+
 async fn keepalive_loop(shared: Arc<Shared>) {
     let period = shared.cfg.keepalive_interval;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -884,5 +910,62 @@ async fn keepalive_loop(shared: Arc<Shared>) {
             return shared.close(&format!("peer silent for {silent:?}"));
         }
         shared.send_control(Frame::empty(FrameType::Ping, SESSION_STREAM));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Waker};
+
+    use futures_util::{Sink, SinkExt, Stream, StreamExt};
+    use tokio_tungstenite::WebSocketStream;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+
+    use super::forget_socket_waker;
+    use crate::test_support::CountingWaker;
+
+    #[tokio::test]
+    async fn a_frame_received_does_not_wake_a_writer_that_has_flushed() {
+        let (local, remote) = tokio::io::duplex(64 * 1024);
+        let local = WebSocketStream::from_raw_socket(local, WsRole::Server, None).await;
+        let mut peer = WebSocketStream::from_raw_socket(remote, WsRole::Client, None).await;
+        let (mut sink, mut source) = local.split();
+
+        // The writer task sends a frame and flushes it.
+        let writer = Arc::new(CountingWaker::default());
+        let writer_waker = Waker::from(writer.clone());
+        let mut writer_cx = Context::from_waker(&writer_waker);
+        assert!(Pin::new(&mut sink).poll_ready(&mut writer_cx).is_ready());
+        Pin::new(&mut sink)
+            .start_send(Message::Binary("out".into()))
+            .expect("queue a frame");
+        assert!(matches!(
+            Pin::new(&mut sink).poll_flush(&mut writer_cx),
+            Poll::Ready(Ok(()))
+        ));
+        forget_socket_waker(&mut sink);
+
+        // The reader task waits for a frame, and the peer sends one.
+        let reader = Arc::new(CountingWaker::default());
+        let reader_waker = Waker::from(reader.clone());
+        let mut reader_cx = Context::from_waker(&reader_waker);
+        assert!(Pin::new(&mut source).poll_next(&mut reader_cx).is_pending());
+        assert_eq!(
+            peer.next().await.and_then(Result::ok),
+            Some(Message::Binary("out".into()))
+        );
+        peer.send(Message::Binary("in".into()))
+            .await
+            .expect("peer sends");
+
+        assert!(reader.wakes() > 0, "the reader is woken");
+        assert_eq!(writer.wakes(), 0, "the idle writer is not");
+        assert!(matches!(
+            Pin::new(&mut source).poll_next(&mut reader_cx),
+            Poll::Ready(Some(Ok(Message::Binary(bytes)))) if bytes == "in"
+        ));
     }
 }
