@@ -130,9 +130,8 @@ pub struct AgentArgs {
     #[arg(long, env = "LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     /// Threads running the agent's tasks. One: the agent carries one
-    /// cluster's traffic, and on one thread a request is not handed
-    /// between threads (at concurrency 1 that measured 60 µs less added
-    /// latency than two threads, at the same rate at concurrency 64).
+    /// cluster's traffic and keeps to one core of the customer's node
+    /// (small requests measured the same at two threads, BENCHMARKS.md).
     #[arg(long, env = "WORKER_THREADS", default_value = "1")]
     pub worker_threads: std::num::NonZeroUsize,
     #[arg(long, env = "KEEPALIVE_INTERVAL", default_value = "15s", value_parser = parse_duration)]
