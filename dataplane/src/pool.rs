@@ -8,6 +8,12 @@
 //! task serving the request polls the connection while it waits for the
 //! response, and the response body polls it while it is read.
 //!
+//! A large body is the exception: read in one task, each chunk would wait
+//! for the previous one to be passed on before the socket is read again, and
+//! downloads ran at half their rate. Once a body has carried
+//! [`DETACH_AFTER`] bytes, its connection gets a task of its own, as hyper
+//! runs it by default, and keeps it for the rest of its life.
+//!
 //! A connection goes back to its pool when its response body has been read
 //! to the end. An upgraded one (exec, port-forward) never does: its driver
 //! runs on in a task of its own until it has handed the connection over.
@@ -38,14 +44,20 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// turn (hyper's own connection loop yields after 16 too).
 const DRIVEN_ROUNDS: usize = 16;
 
+/// Bytes a response body carries, driven by the task reading it, before
+/// its connection gets a task of its own: far above a small request's
+/// answer, a few reads of the socket into a large one.
+const DETACH_AFTER: usize = 64 * 1024;
+
 /// Runs one connection's protocol: writes requests, reads responses.
 type Driver = Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>>;
 
 /// One HTTP/1.1 client connection and the future that runs it.
 struct Connection {
     sender: SendRequest<Body>,
-    /// `None` once it has finished: the peer closed, or it upgraded.
-    /// Polled only through `&mut`, so it need not be `Sync` itself.
+    /// `None` once it has finished (the peer closed) or runs in a task of
+    /// its own (a large body, an upgrade). Polled only through `&mut`, so
+    /// it need not be `Sync` itself.
     driver: Option<SyncWrapper<Driver>>,
     /// What the driver, the response and its body are polled with.
     waker: Arc<InnerWaker>,
@@ -91,6 +103,9 @@ impl Connection {
         cx: &mut Context<'_>,
         mut what: impl FnMut(&mut SendRequest<Body>, &mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
+        if self.driver.is_none() {
+            return what(&mut self.sender, cx);
+        }
         self.waker.task.register(cx.waker());
         let mut inner = Context::from_waker(&self.inner_waker);
         for _ in 0..DRIVEN_ROUNDS {
@@ -135,8 +150,17 @@ impl Connection {
         poll_fn(|cx| self.poll_driven(cx, |_, inner| response.as_mut().poll(inner))).await
     }
 
+    /// Runs the driver in a task of its own from now on.
+    fn detach(&mut self) {
+        if let Some(driver) = self.driver.take() {
+            tokio::spawn(driver.into_inner());
+        }
+    }
+
+    /// Whether the connection has ended; the sender knows, wherever its
+    /// driver runs (dropping the driver closes it).
     fn is_closed(&self) -> bool {
-        self.driver.is_none() || self.sender.is_closed()
+        self.sender.is_closed()
     }
 }
 
@@ -279,9 +303,7 @@ impl Pool {
     ) -> Response<Body> {
         let (parts, body) = response.into_parts();
         let connection = if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(driver) = connection.driver.take() {
-                tokio::spawn(driver.into_inner());
-            }
+            connection.detach();
             None
         } else {
             Some(connection)
@@ -289,6 +311,7 @@ impl Pool {
         let body = Returning {
             body,
             connection,
+            read: 0,
             pool: Arc::downgrade(self),
         };
         Response::from_parts(parts, http_body_util::BodyExt::boxed(body))
@@ -300,6 +323,8 @@ impl Pool {
 struct Returning {
     body: Incoming,
     connection: Option<Connection>,
+    /// Data bytes read so far, until the connection is detached.
+    read: usize,
     pool: Weak<Pool>,
 }
 
@@ -322,7 +347,17 @@ impl hyper::body::Body for Returning {
         let this = &mut *self;
         let polled = match &mut this.connection {
             Some(connection) => {
-                connection.poll_driven(cx, |_, inner| Pin::new(&mut this.body).poll_frame(inner))
+                let polled = connection
+                    .poll_driven(cx, |_, inner| Pin::new(&mut this.body).poll_frame(inner));
+                if let Poll::Ready(Some(Ok(frame))) = &polled
+                    && this.read <= DETACH_AFTER
+                {
+                    this.read += frame.data_ref().map_or(0, Bytes::len);
+                    if this.read > DETACH_AFTER {
+                        connection.detach();
+                    }
+                }
+                polled
             }
             None => Pin::new(&mut this.body).poll_frame(cx),
         };
@@ -424,6 +459,7 @@ mod tests {
         let mut response = Response::new(crate::http::empty());
         match request.uri().path() {
             "/small" => *response.body_mut() = crate::http::full("hello"),
+            "/large" => *response.body_mut() = crate::http::full(vec![b'x'; 4 * DETACH_AFTER]),
             "/empty" => *response.status_mut() = StatusCode::NO_CONTENT,
             "/two" => *response.body_mut() = chunks(vec!["one", "two"], false),
             "/stalls" => *response.body_mut() = chunks(vec!["one"], true),
@@ -477,6 +513,52 @@ mod tests {
         }
         assert_eq!(peer.connects(), 1);
         assert_eq!(pool.idle(), 1);
+    }
+
+    /// Tasks alive on the test's runtime: the peer's servers, and any
+    /// connection driver running on its own.
+    fn tasks() -> usize {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    }
+
+    #[tokio::test]
+    async fn a_large_body_gets_its_connection_a_task_and_the_pool_keeps_it() {
+        let (pool, peer) = (Arc::new(Pool::new(8)), Peer::default());
+        assert_eq!(text(send(&pool, &peer, get("/small")).await).await, "hello");
+        let (peers_only, connections) = (tasks(), peer.connects());
+        assert_eq!(connections, 1);
+
+        let body = send(&pool, &peer, get("/large")).await.into_body();
+        let read = body.collect().await.expect("body").to_bytes();
+        assert_eq!(read.len(), 4 * DETACH_AFTER);
+        assert_eq!(tasks(), peers_only + 1, "the driver runs in its own task");
+
+        // Still the same connection, now driven by its task, for what follows.
+        for _ in 0..3 {
+            assert_eq!(text(send(&pool, &peer, get("/small")).await).await, "hello");
+        }
+        assert_eq!((peer.connects(), pool.idle()), (1, 1));
+        pool.clear();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while tasks() > peers_only - 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("closing the pool ends the connection and its task");
+    }
+
+    #[tokio::test]
+    async fn small_bodies_spawn_nothing() {
+        let (pool, peer) = (Arc::new(Pool::new(8)), Peer::default());
+        assert_eq!(text(send(&pool, &peer, get("/small")).await).await, "hello");
+        let peers_only = tasks();
+        for _ in 0..100 {
+            assert_eq!(text(send(&pool, &peer, get("/two")).await).await, "onetwo");
+        }
+        assert_eq!(tasks(), peers_only);
     }
 
     #[tokio::test]
