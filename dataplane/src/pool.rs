@@ -17,13 +17,17 @@
 //! A connection goes back to its pool when its response body has been read
 //! to the end. An upgraded one (exec, port-forward) never does: its driver
 //! runs on in a task of its own until it has handed the connection over.
+//!
+//! While a pool holds idle connections, a task looks at them every
+//! [`REAP_EVERY`]: those the peer closed are let go at once, and those idle
+//! for [`IDLE_TIMEOUT`] are closed, whether or not another request comes.
 
 use std::future::poll_fn;
 use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::task::AtomicWaker;
@@ -32,13 +36,20 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::rt::{Read, Write};
 use sync_wrapper::SyncWrapper;
+use tokio::time::Instant;
 use tracing::debug;
 
 use crate::http::{Body, BoxError};
 
-/// Idle connections older than this are closed when the pool is next used
-/// (a burst's leftovers do not stay open on both ends for ever).
+/// Idle connections older than this are closed (a burst's leftovers do not
+/// stay open on both ends for ever), as hyper-util's pool does by default.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// How often a pool's idle connections are looked at while it has any: an
+/// idle connection is closed at most this long after its timeout, and one
+/// the peer closed is let go (its socket no longer waits in CLOSE_WAIT for
+/// the next request).
+const REAP_EVERY: Duration = Duration::from_secs(30);
 
 /// Rounds of driving a connection in one poll before other tasks get a
 /// turn (hyper's own connection loop yields after 16 too).
@@ -206,15 +217,23 @@ pub enum RequestError<E> {
 
 /// Idle connections to one place, most recently used last.
 pub struct Pool {
-    idle: Mutex<Vec<(Connection, Instant)>>,
+    idle: Mutex<Idle>,
     max_idle: usize,
+}
+
+#[derive(Default)]
+struct Idle {
+    connections: Vec<(Connection, Instant)>,
+    /// Whether a task looks after them: one runs while any is idle, so a
+    /// pool that is never used (an idle agent's) costs no task.
+    reaper: bool,
 }
 
 impl Pool {
     /// A pool keeping at most `max_idle` idle connections.
     pub fn new(max_idle: usize) -> Self {
         Self {
-            idle: Mutex::new(Vec::new()),
+            idle: Mutex::default(),
             max_idle,
         }
     }
@@ -222,37 +241,53 @@ impl Pool {
     /// Closes every idle connection (the session below them is draining or
     /// replaced: they must end so it can close).
     pub fn clear(&self) {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.lock().connections.clear();
     }
 
     pub fn idle(&self) -> usize {
-        self.lock().len()
+        self.lock().connections.len()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<(Connection, Instant)>> {
+    /// The idle connections, without those that timed out or that are
+    /// known to have closed.
+    fn lock(&self) -> MutexGuard<'_, Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         // Most recently used last, so the expired ones are a prefix: one
         // clock read, not one per idle connection (that was 4% of the
         // server's CPU at concurrency 64).
         let now = Instant::now();
-        let expired = idle
+        let connections = &mut idle.connections;
+        let expired = connections
             .iter()
             .position(|(_, since)| now.duration_since(*since) < IDLE_TIMEOUT)
-            .unwrap_or(idle.len());
-        idle.drain(..expired);
-        idle.retain(|(connection, _)| !connection.is_closed());
+            .unwrap_or(connections.len());
+        connections.drain(..expired);
+        connections.retain(|(connection, _)| !connection.is_closed());
         idle
     }
 
     fn take(&self) -> Option<Connection> {
-        self.lock().pop().map(|(connection, _)| connection)
+        self.lock()
+            .connections
+            .pop()
+            .map(|(connection, _)| connection)
     }
 
-    fn put(&self, connection: Connection) {
+    fn put(self: &Arc<Self>, connection: Connection) {
         let mut idle = self.lock();
-        if idle.len() < self.max_idle && !connection.is_closed() {
-            idle.push((connection, Instant::now()));
+        if idle.connections.len() >= self.max_idle || connection.is_closed() {
+            return;
         }
+        if !idle.reaper {
+            // Dropped outside any runtime (at exit), the connection has
+            // nobody to look after it: it is closed.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            runtime.spawn(reap(Arc::downgrade(self)));
+            idle.reaper = true;
+        }
+        idle.connections.push((connection, Instant::now()));
     }
 
     /// Sends `request` on the most recently used idle connection that is
@@ -315,6 +350,30 @@ impl Pool {
             pool: Arc::downgrade(self),
         };
         Response::from_parts(parts, http_body_util::BodyExt::boxed(body))
+    }
+}
+
+/// Looks after a pool's idle connections while it has any (see the module's
+/// documentation); ends when none is left or the pool is gone.
+async fn reap(pool: Weak<Pool>) {
+    loop {
+        tokio::time::sleep(REAP_EVERY).await;
+        let Some(pool) = pool.upgrade() else {
+            return;
+        };
+        let mut idle = pool.lock();
+        // An idle connection's driver is polled by nobody: this poll is
+        // what reads a close the peer sent meanwhile, and ends it.
+        let mut quiet = Context::from_waker(Waker::noop());
+        for (connection, _) in &mut idle.connections {
+            Connection::drive(&mut connection.driver, &mut quiet);
+        }
+        idle.connections
+            .retain(|(connection, _)| !connection.is_closed());
+        if idle.connections.is_empty() {
+            idle.reaper = false;
+            return;
+        }
     }
 }
 
@@ -428,6 +487,12 @@ mod tests {
 
         fn connects(&self) -> usize {
             self.connects.load(Ordering::SeqCst)
+        }
+
+        /// Connections whose peer end is still being served.
+        fn open(&self) -> usize {
+            let servers = self.servers.lock().expect("lock");
+            servers.iter().filter(|s| !s.is_finished()).count()
         }
 
         /// The peer goes away: its ends of the connections are closed.
@@ -601,6 +666,36 @@ mod tests {
         assert_eq!(text(first).await, "hello");
         assert_eq!(text(second).await, "hello");
         assert_eq!((peer.connects(), pool.idle()), (2, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_after_its_timeout_without_another_request() {
+        let (pool, peer) = (Arc::new(Pool::new(8)), Peer::default());
+        assert_eq!(text(send(&pool, &peer, get("/small")).await).await, "hello");
+        tokio::time::sleep(IDLE_TIMEOUT - Duration::from_secs(1)).await;
+        assert_eq!(peer.open(), 1, "kept while it may be used again");
+        tokio::time::sleep(REAP_EVERY + Duration::from_secs(1)).await;
+        tokio::task::yield_now().await;
+        assert_eq!(peer.open(), 0, "closed once idle for {IDLE_TIMEOUT:?}");
+        assert_eq!(tasks(), 0, "nothing left running for an empty pool");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_the_peer_closed_while_idle_is_let_go_without_another_request() {
+        let (pool, peer) = (Arc::new(Pool::new(8)), Peer::default());
+        assert_eq!(text(send(&pool, &peer, get("/small")).await).await, "hello");
+        peer.close_all().await;
+        assert_eq!(pool.idle(), 1, "not known to be closed before anyone looks");
+        tokio::time::sleep(REAP_EVERY + Duration::from_secs(1)).await;
+        assert_eq!(pool.idle(), 0);
+        assert_eq!(tasks(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_pool_never_used_runs_nothing() {
+        let before = tasks();
+        let pool = Arc::new(Pool::new(8));
+        assert_eq!((pool.idle(), tasks()), (0, before));
     }
 
     #[tokio::test]
